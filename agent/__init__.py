@@ -1,0 +1,1 @@
+"""memagent: process-memory telemetry agent."""

@@ -1,0 +1,185 @@
+"""The public contracts between memagent and its plugins: backends and sinks.
+
+Plugins import from here (and from :mod:`memagent.errors`, :mod:`memagent.options`), nothing
+else. The framework owns the hard parts: a sink only writes a batch; queues, drop policy,
+counters, batching and retries belong to :mod:`memagent.fanout`. A backend only lists and reads
+processes; matching, scheduling and records belong to the framework.
+
+Backend
+    Registered in the entry-point group ``memagent.backends``. A class with the class attributes
+    ``name``, ``os`` and ``platform_fields``, a classmethod ``available()``, a classmethod
+    ``from_options(options)`` and the methods below. ``list_processes`` may be called from a
+    worker thread; ``sample`` is called on the event loop with small batches (at most
+    :data:`SAMPLE_CHUNK` processes), so it must be fast and must not block on anything but
+    procfs-like reads. Neither is ever called concurrently with itself.
+
+Sink
+    Registered in the entry-point group ``memagent.sinks``. A class with the class attributes
+    ``name`` and ``sample_config`` (commented TOML), a classmethod ``from_options(options,
+    context)`` that validates its own keys (unknown keys are errors: call ``options.finish()``),
+    and the coroutines ``start()``, ``write(batch)``, ``close()``. ``write`` is never called
+    concurrently with itself; ``close`` is called once, after the last ``write`` has finished.
+    A sink raises :class:`~memagent.errors.SinkError` when a batch could not be written; it is
+    retried with backoff. It may also define a coroutine ``reopen()``, called between writes on
+    SIGHUP (logrotate's signal), and may keep counters in ``context.counters``, which the agent
+    reports under the sink's name in ``agent`` records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from memagent.options import Options
+
+#: Largest number of processes handed to one ``Backend.sample`` call; the scheduler yields to
+#: the event loop between chunks so that sampling 1,000 processes never blocks it for long.
+SAMPLE_CHUNK = 128
+
+Identity = tuple[int, float]
+"""A process's identity: (pid, start time as seconds since the epoch). A reused pid is a new
+process because its start time differs."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What a backend knows about one process when listing. Fields a backend cannot know are
+    None (``cgroup`` off Linux, ``exe`` when access is denied)."""
+
+    pid: int
+    ppid: int
+    name: str
+    started: float
+    cmdline: tuple[str, ...] = ()
+    exe: str | None = None
+    user: str | None = None
+    cgroup: str | None = None
+
+    @property
+    def identity(self) -> Identity:
+        return (self.pid, self.started)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One memory sample of one process. All values are ints: bytes, except the counts named in
+    the schema (``pfaults``, ``pageins``, ``num_page_faults``). A field the backend cannot provide
+    is absent, never faked. ``full`` is None unless full info was asked for and could be read."""
+
+    pid: int
+    started: float
+    portable: dict[str, int]
+    platform: dict[str, int]
+    full: dict[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """The process exited (or its pid was reused) since it was listed."""
+
+    pid: int
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The process exists but could not be read. ``kind`` is a short stable word
+    (``access_denied``, ``read_error``); the framework reports each (process, kind) once."""
+
+    pid: int
+    started: float
+    kind: str
+    message: str
+
+
+SampleResult = Reading | Gone | Failure
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Reads process memory on one OS. See the module docstring for the calling rules."""
+
+    name: ClassVar[str]
+    os: ClassVar[str]
+    platform_fields: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this backend can run on this machine (cheap; no side effects)."""
+        ...
+
+    @classmethod
+    def from_options(cls, options: Options) -> Backend:
+        """Build from the ``[backends.<name>]`` table; call ``options.finish()``."""
+        ...
+
+    def list_processes(self) -> list[ProcessInfo]:
+        """Every process visible now. Processes that vanish while listing are left out."""
+        ...
+
+    def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
+        """One result per identity, in order. Never raises for one process's trouble."""
+        ...
+
+    def forget(self, identity: Identity) -> None:
+        """The framework no longer samples this process: release what is held for it."""
+        ...
+
+    def close(self) -> None:
+        """Release everything (fds, handles)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One schema-v1 record, encoded once. ``json`` is the orjson encoding of ``fields``
+    (no trailing newline), shared by every sink. Treat ``fields`` as read-only."""
+
+    seq: int
+    type: str
+    target: str | None
+    pid: int | None
+    fields: Mapping[str, Any]
+    json: bytes
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What the agent tells a sink when building it.
+
+    ``report`` logs a warning through the agent's logger (use it for events a person must see;
+    it is not rate-limited, so call it once per episode). ``counters`` is where a sink may keep
+    extra counters that the agent publishes under its name in ``agent`` records.
+    """
+
+    name: str
+    hostname: str
+    run: str
+    report: Callable[[str], None]
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Delivers batches of records somewhere. See the module docstring for the calling rules."""
+
+    name: ClassVar[str]
+    sample_config: ClassVar[str]
+
+    @classmethod
+    def from_options(cls, options: Options, context: SinkContext) -> Sink:
+        """Validate options (``options.finish()`` for unknown keys) and build; no I/O yet."""
+        ...
+
+    async def start(self) -> None:
+        """Open files, bind sockets. Raising here stops the agent with a clear error."""
+        ...
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        """Deliver a batch, or raise SinkError to have the same batch retried later."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release; called once after the last write finished."""
+        ...

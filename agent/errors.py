@@ -1,0 +1,74 @@
+"""The exceptions memagent raises, rooted at :class:`MemagentError`.
+
+The tree, and what happens next when each is raised::
+
+    MemagentError
+    ├── ConfigError           bad config or usage: one line naming the dotted key; exit 2
+    ├── PluginError           a plugin misbehaved; carries plugin name and distribution
+    │   └── PluginLoadError   import failed or not runnable here; that plugin is unusable,
+    │                         the others still load (exit 2 if the config names it)
+    ├── SinkError             a sink could not write a batch; the framework keeps the batch,
+    │                         reports once per episode, and retries with backoff
+    └── ProcessError          one process could not be sampled; becomes one record, never a crash
+        ├── ProcessGone       (also ProcessLookupError) the process exited: an ``exit`` record
+        └── ProcessDenied     (also PermissionError) not allowed to read it: one ``error`` record
+
+Errors that mirror a built-in inherit it too, so ``except PermissionError`` still works.
+Nothing here is raised for a normal event such as a process exiting between two ticks;
+backends report those as results (see :mod:`memagent.contracts`), not exceptions.
+"""
+
+from __future__ import annotations
+
+
+class MemagentError(Exception):
+    """Root of every error memagent raises on purpose."""
+
+
+class ConfigError(MemagentError):
+    """The config (or the command line) is wrong; the agent does not start.
+
+    ``str()`` is one line: ``<dotted key>: <what is wrong>``, e.g.
+    ``targets[1].interval: must be a positive duration, got "-1s"``.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class PluginError(MemagentError):
+    """A plugin failed; names the plugin, its kind and the distribution that ships it."""
+
+    def __init__(self, kind: str, name: str, distribution: str, problem: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.distribution = distribution
+        self.problem = problem
+        super().__init__(f"{kind} plugin {name!r} (from {distribution}): {problem}")
+
+
+class PluginLoadError(PluginError):
+    """The plugin could not be imported or cannot run on this machine; it is not used."""
+
+
+class SinkError(MemagentError):
+    """A sink could not write a batch right now. The framework retries the same batch
+    with backoff; the sink should raise this (not crash) for disk-full, refused, etc."""
+
+
+class ProcessError(MemagentError):
+    """One process could not be read."""
+
+    def __init__(self, pid: int, problem: str) -> None:
+        self.pid = pid
+        super().__init__(f"pid {pid}: {problem}")
+
+
+class ProcessGone(ProcessError, ProcessLookupError):
+    """The process no longer exists (exited, or its pid now belongs to another process)."""
+
+
+class ProcessDenied(ProcessError, PermissionError):
+    """The agent is not permitted to read this process."""

@@ -1,0 +1,100 @@
+"""Schema-v1 records: built from readings, numbered, encoded once.
+
+:class:`RecordMaker` is the only place records are made, so ``seq`` is contiguous across every
+type within a run (a consumer detects loss by a gap). Each record is encoded with orjson exactly
+once; the resulting bytes are shared by every sink. The shape is documented in
+``schema/record-v1.json`` (printed by ``memagent schema``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from memagent.contracts import ProcessInfo, Reading, Record
+
+SCHEMA_VERSION = 1
+
+
+def iso_utc(epoch: float, digits: int = 6) -> str:
+    """``2026-11-25T05:00:00.123456Z`` (``digits`` fractional digits, 0-6)."""
+    text = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if digits <= 0:
+        return text[:-7] + "Z"
+    return text[: len(text) - 6 + digits] + "Z"
+
+
+def new_run_id() -> str:
+    """16 hex digits, random per agent run."""
+    return secrets.token_hex(8)
+
+
+class RecordMaker:
+    """Makes the records of one run. Not thread-safe: use it from the event loop only."""
+
+    def __init__(self, *, host: str, os_name: str, backend: str, tags: dict[str, str],
+                 run: str | None = None) -> None:
+        self.run = run or new_run_id()
+        self.host = host
+        self.os = os_name
+        self.backend = backend
+        self.tags = dict(tags)
+        self._seq = 0
+        self._pid = os.getpid()
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the newest record made (0 before the first)."""
+        return self._seq
+
+    def _finish(self, kind: str, target: str | None, pid: int | None,
+                body: dict[str, Any], ts: str) -> Record:
+        self._seq += 1
+        fields: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind, "seq": self._seq,
+                                  "run": self.run, "ts": ts, "host": self.host}
+        fields.update(body)
+        if self.tags:
+            fields["tags"] = self.tags
+        return Record(self._seq, kind, target, pid, fields, orjson.dumps(fields))
+
+    def _process(self, target: str, info: ProcessInfo) -> dict[str, Any]:
+        return {"target": target, "pid": info.pid, "ppid": info.ppid, "name": info.name,
+                "started": iso_utc(info.started, 2), "os": self.os, "backend": self.backend}
+
+    def sample(self, target: str, info: ProcessInfo, reading: Reading, ts: str) -> Record:
+        """A ``sample`` record; ``ts`` is the tick's time from :func:`iso_utc`."""
+        body = self._process(target, info)
+        body["portable"] = reading.portable
+        body["platform"] = reading.platform
+        if reading.full is not None:
+            body["full"] = reading.full
+        return self._finish("sample", target, info.pid, body, ts)
+
+    def start(self, target: str, info: ProcessInfo, ts: str) -> Record:
+        """A process matched ``target`` for the first time; carries what identifies it."""
+        body = self._process(target, info)
+        body["cmdline"] = list(info.cmdline)
+        if info.exe is not None:
+            body["exe"] = info.exe
+        if info.user is not None:
+            body["user"] = info.user
+        return self._finish("start", target, info.pid, body, ts)
+
+    def exit(self, target: str, info: ProcessInfo, ts: str) -> Record:
+        """The process is gone (exited, or its pid now names another process)."""
+        return self._finish("exit", target, info.pid, self._process(target, info), ts)
+
+    def error(self, target: str, info: ProcessInfo, kind: str, message: str, ts: str) -> Record:
+        """A process could not be read; made once per (process, kind), never per tick."""
+        body = self._process(target, info)
+        body["error"] = {"kind": kind, "message": message}
+        return self._finish("error", target, info.pid, body, ts)
+
+    def agent(self, stats: dict[str, Any], ts: str) -> Record:
+        """The agent's own counters (``stats`` goes under the ``agent`` key)."""
+        body = {"pid": self._pid, "os": self.os, "backend": self.backend, "agent": stats}
+        return self._finish("agent", None, self._pid, body, ts)

@@ -1,0 +1,101 @@
+"""Helpers for testing memagent plugins (and memagent itself) without a running agent.
+
+- :func:`make_records` gives real schema-v1 :class:`~memagent.contracts.Record` objects with a
+  contiguous ``seq``, as the agent would produce them.
+- :func:`sink_context` gives a :class:`~memagent.contracts.SinkContext` whose reports are kept
+  in a list you can assert on.
+- :class:`FakeBackend` is a backend whose processes and readings a test sets by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+from memagent.contracts import (
+    Failure,
+    Gone,
+    Identity,
+    ProcessInfo,
+    Reading,
+    Record,
+    SampleResult,
+    SinkContext,
+)
+from memagent.options import Options
+from memagent.records import RecordMaker, iso_utc
+
+
+def make_records(count: int, *, target: str = "test", pid: int = 4242,
+                 maker: RecordMaker | None = None, start_seq: int = 0) -> list[Record]:
+    """``count`` sample records for one fake process (rss grows by one page per record)."""
+    maker = maker or RecordMaker(host="test-host", os_name="linux", backend="fake", tags={})
+    maker._seq = max(maker._seq, start_seq)  # noqa: SLF001 - tests may start mid-run
+    info = ProcessInfo(pid=pid, ppid=1, name="fake", started=1_700_000_000.0)
+    ts = iso_utc(time.time())
+    records = []
+    for i in range(count):
+        reading = Reading(pid, info.started, {"rss": 4096 * (i + 1), "vms": 1 << 24}, {"shared": 0})
+        records.append(maker.sample(target, info, reading, ts))
+    return records
+
+
+class ReportLog(list[str]):
+    """The reports a sink made, in order."""
+
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+
+def sink_context(name: str = "sink", hostname: str = "test-host") -> SinkContext:
+    """A context whose ``report`` appends to a :class:`ReportLog` (``context.report``)."""
+    return SinkContext(name=name, hostname=hostname, run="0123456789abcdef", report=ReportLog())
+
+
+class FakeBackend:
+    """A backend whose world a test sets: ``processes`` (what listing returns) and ``readings``
+    (per pid). A pid without a reading samples as :class:`Gone`; a pid in ``denied`` as an
+    ``access_denied`` :class:`Failure`."""
+
+    name: ClassVar[str] = "fake"
+    os: ClassVar[str] = "linux"
+    platform_fields: ClassVar[tuple[str, ...]] = ("shared",)
+
+    def __init__(self, processes: Iterable[ProcessInfo] = ()) -> None:
+        self.processes: list[ProcessInfo] = list(processes)
+        self.readings: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
+        self.denied: set[int] = set()
+        self.forgotten: list[Identity] = []
+        self.closed = False
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    @classmethod
+    def from_options(cls, options: Options) -> FakeBackend:
+        options.finish()
+        return cls()
+
+    def list_processes(self) -> list[ProcessInfo]:
+        return list(self.processes)
+
+    def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
+        results: list[SampleResult] = []
+        for pid, started in processes:
+            if pid in self.denied:
+                results.append(Failure(pid, started, "access_denied", "permission denied"))
+            elif pid in self.readings:
+                portable, platform = self.readings[pid]
+                results.append(Reading(pid, started, portable, platform,
+                                       {"uss": 1, "pss": 1, "swap": 0} if full else None))
+            else:
+                results.append(Gone(pid, started))
+        return results
+
+    def forget(self, identity: Identity) -> None:
+        self.forgotten.append(identity)
+
+    def close(self) -> None:
+        self.closed = True

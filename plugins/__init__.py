@@ -1,0 +1,1 @@
+"""The built-in plugins; registered through entry points like any third-party plugin."""
