@@ -11,7 +11,8 @@ Backend
     ``from_options(options)`` and the methods below. ``list_processes`` may be called from a
     worker thread; ``sample`` is called on the event loop with small batches (at most
     :data:`SAMPLE_CHUNK` processes), so it must be fast and must not block on anything but
-    procfs-like reads. Neither is ever called concurrently with itself.
+    procfs-like reads. Neither is ever called concurrently with itself, but ``list_processes``
+    (in its thread) may run while ``sample`` runs on the loop: keep their state apart.
 
 Sink
     Registered in the entry-point group ``memagent.sinks``. A class with the class attributes
