@@ -44,7 +44,8 @@ def describe(value: object) -> str:
 
 def parse_duration(value: object, key: str) -> float:
     """Seconds from a number or a string like ``"250ms"``, ``"1s"``, ``"5m"``; must be > 0."""
-    problem = f"must be a positive duration (a number of seconds, or like \"250ms\", \"5m\"), got {describe(value)}"
+    problem = (f"must be a positive duration, got {describe(value)} "
+               '(a number of seconds, or "250ms", "1s", "5m", "1h")')
     if isinstance(value, bool):
         raise ConfigError(key, problem)
     if isinstance(value, (int, float)):
@@ -75,12 +76,15 @@ def parse_size(value: object, key: str) -> int:
     return size
 
 
+def suggest(word: str, known: Iterable[str]) -> str:
+    """``"; did you mean X?"`` when a known word is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
     """The error for a key nobody reads, with a suggestion when one is close."""
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, sorted(known), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(key, f"unknown key{hint}")
+    return ConfigError(key, "unknown key" + suggest(key.rsplit(".", 1)[-1], known))
 
 
 class Options:

@@ -1,0 +1,153 @@
+"""``memagent``: the command line.
+
+Exit codes: 0 ok; 2 bad config or usage; 1 failure at run time. Errors are one line on stderr,
+``memagent: error: ...``, never a traceback unless ``--log-level debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+
+from memagent.config import Config, default_config_text, load_config, parse_config
+from memagent.errors import ConfigError, MemagentError, PluginLoadError
+from memagent.registry import discover, load
+from memagent.runtime import build, run_until_signalled
+
+log = logging.getLogger("memagent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 without the usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError("usage", message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="memagent", description="Samples process memory and streams JSON records.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="stderr log level; debug also shows tracebacks (default: info)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run the agent (no CONFIG: all processes, 1 s, stdout)")
+    run.add_argument("config", nargs="?", help="TOML config file")
+    run.add_argument("--once", action="store_true", help="sample every target once, then exit")
+    run.add_argument("--duration", type=_positive_seconds, metavar="SECONDS",
+                     help="stop gracefully after this many seconds")
+    check = commands.add_parser("check", help="validate a config and the plugins it names")
+    check.add_argument("config", help="TOML config file")
+    commands.add_parser("plugins", help="list installed backends and sinks")
+    commands.add_parser("schema", help="print the record JSON Schema (v1)")
+    commands.add_parser("sample-config", help="print a commented example config")
+    return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else parse_config(default_config_text(), source="<default>")
+
+
+def _run(args: argparse.Namespace) -> int:
+    agent = build(_load(args.config))
+    log.info("run %s: %d targets, sinks %s, backend %s", agent.maker.run, len(agent.config.targets),
+             ", ".join(o.name for o in agent.fanout.outlets), agent.backend.name)
+    asyncio.run(run_until_signalled(agent, once=args.once, duration=args.duration))
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    agent = build(_load(args.config))
+    agent.backend.close()
+    sinks = ", ".join(f"{o.name} ({type(o.sink).name})" for o in agent.fanout.outlets)
+    print(f"{args.config}: ok: {len(agent.config.targets)} targets, sinks: {sinks}, "
+          f"backend: {agent.backend.name}")
+    return EXIT_OK
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    rows = [("NAME", "KIND", "DISTRIBUTION", "VERSION", "LOADS HERE")]
+    for kind in ("backend", "sink"):
+        for spec in discover(kind):  # type: ignore[arg-type]
+            try:
+                load(spec)
+                loads = "yes"
+            except PluginLoadError as exc:
+                loads = f"no: {exc.problem}"
+            rows.append((spec.name, kind, spec.distribution, spec.version, loads))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+    return EXIT_OK
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(resources.files("memagent").joinpath("schema/record-v1.json").read_text(encoding="utf-8"), end="")
+    return EXIT_OK
+
+
+def _sample_config(args: argparse.Namespace) -> int:
+    print(resources.files("memagent").joinpath("sample-config.toml").read_text(encoding="utf-8"), end="")
+    for spec in discover("sink"):
+        try:
+            plugin = load(spec)
+        except PluginLoadError:
+            continue
+        print(f"\n# --- sink {spec.name!r} (from {spec.distribution}) ---")
+        print("\n".join("# " + line if line and not line.startswith("#") else line
+                        for line in plugin.sample_config.rstrip().splitlines()))
+    return EXIT_OK
+
+
+COMMANDS = {"run": _run, "check": _check, "plugins": _plugins, "schema": _schema,
+            "sample-config": _sample_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (the console script exits with it)."""
+    debug = "--log-level" in (argv := list(sys.argv[1:] if argv is None else argv)) and \
+        "debug" in argv
+    try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="memagent %(levelname)s: %(message)s", force=True)
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        return _fail(exc, EXIT_USAGE, debug)
+    except PluginLoadError as exc:
+        return _fail(exc, EXIT_USAGE, debug)
+    except MemagentError as exc:
+        return _fail(exc, EXIT_FAILURE, debug)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        print(f"memagent: error: unexpected {type(exc).__name__}: {exc} "
+              f"(run with --log-level debug for details)", file=sys.stderr)
+        if debug:
+            raise
+        return EXIT_FAILURE
+
+
+def _fail(exc: BaseException, code: int, debug: bool) -> int:
+    if debug:
+        logging.getLogger("memagent").exception("traceback")
+    print(f"memagent: error: {exc}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Fan-out: one :class:`Outlet` per sink, owning its queue, drop policy, batching and retries.
+
+Guarantees:
+
+- A slow or failing sink never slows the producer or the other sinks, unless its own policy is
+  ``block``, and then only while its queue is full.
+- Nothing is lost silently: every record an outlet drops is counted (``dropped``) and the first
+  drop of an episode is logged; counters appear in ``agent`` records.
+- A batch whose write failed is retried, the same batch, with exponential backoff
+  (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`); the failure is logged once per episode
+  and the recovery once. Meanwhile new records wait in the queue under its ``when_full`` policy.
+- ``write`` is never called concurrently with itself, and ``close`` only after the last write.
+- On :meth:`Outlet.drain` the queue is delivered until empty or the deadline passes; what is
+  still undelivered then is counted as dropped and logged as one error line.
+
+Not guaranteed: order across sinks, or delivery of records a sink refuses past the drain
+deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from memagent.contracts import Record, Sink
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.1  # seconds: quick enough to ride over a momentary EAGAIN-like hiccup
+BACKOFF_MAX = 30.0  # seconds: a dead disk is retried twice a minute, not hammered
+
+
+class Outlet:
+    """The path from the agent to one sink. Create, :meth:`start`, :meth:`offer`/:meth:`put`
+    records, then :meth:`drain` once."""
+
+    def __init__(self, name: str, sink: Sink, *, queue: int, when_full: str, batch: int,
+                 targets: Sequence[str] | None, extra: dict[str, int] | None = None) -> None:
+        self.name = name
+        self.sink = sink
+        self.capacity = queue
+        self.when_full = when_full
+        self.batch = batch
+        self.targets = frozenset(targets) if targets is not None else None
+        self.extra = extra if extra is not None else {}
+        self._queue: deque[Record] = deque()
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._closing = False
+        self._reopen = False
+        self._task: asyncio.Task[None] | None = None
+        self._inflight = 0
+        self._dropping = False
+        self._failing = False
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.retries = 0
+        self.reopens = 0
+
+    def accepts(self, record: Record) -> bool:
+        """Whether this outlet wants the record (``agent`` records go to every sink)."""
+        return self.targets is None or record.target is None or record.target in self.targets
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + self._inflight
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``agent`` records."""
+        stats: dict[str, Any] = {"type": type(self.sink).name, "queued": self.queued,
+                                 "written": self.written, "dropped": self.dropped,
+                                 "failures": self.failures, "retries": self.retries}
+        stats.update(self.extra)
+        return stats
+
+    async def start(self) -> None:
+        """Start the sink, then the delivery task."""
+        await self.sink.start()
+        self._task = asyncio.create_task(self._deliver_forever(), name=f"outlet {self.name}")
+
+    def _count_drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        if not self._dropping:
+            self._dropping = True
+            log.warning("sink %s: %s; dropping records (when_full=%s, queue=%d); counted in agent records",
+                        self.name, why, self.when_full, self.capacity)
+
+    def offer(self, record: Record) -> None:
+        """Queue without waiting, applying ``drop_oldest`` / ``drop_newest`` when full.
+        (For ``block`` outlets use :meth:`put`.)"""
+        if len(self._queue) >= self.capacity:
+            if self.when_full == "drop_newest":
+                self._count_drop(1, "queue full")
+                return
+            self._queue.popleft()
+            self._count_drop(1, "queue full")
+        elif self._dropping and len(self._queue) < self.capacity // 2:
+            self._dropping = False
+            log.info("sink %s: queue has room again; %d records dropped so far", self.name, self.dropped)
+        self._queue.append(record)
+        self._ready.set()
+
+    async def put(self, record: Record) -> None:
+        """Queue, waiting for room when the policy is ``block``."""
+        while self.when_full == "block" and len(self._queue) >= self.capacity and not self._closing:
+            self._space.clear()
+            await self._space.wait()
+        self.offer(record)
+
+    def request_reopen(self) -> None:
+        """Ask the sink to reopen (SIGHUP) before its next write, even if nothing is queued."""
+        self._reopen = True
+        self._ready.set()
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            if self._reopen:
+                self._reopen = False
+                await self._call_reopen()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            count = min(self.batch, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(count)]
+            self._space.set()
+            self._inflight = count
+            await self._write_with_retry(batch)
+            self._inflight = 0
+
+    async def _call_reopen(self) -> None:
+        reopen = getattr(self.sink, "reopen", None)
+        if reopen is None:
+            return
+        try:
+            await reopen()
+            self.reopens += 1
+        except Exception as exc:  # noqa: BLE001 - a failed reopen is retried by the next write
+            log.warning("sink %s: reopen failed: %s", self.name, exc)
+
+    async def _write_with_retry(self, batch: list[Record]) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self.sink.write(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a sink's failure must never stop the agent
+                self.failures += 1
+                if not self._failing:
+                    self._failing = True
+                    log.error("sink %s: write failed: %s; retrying with backoff, records wait in "
+                              "its queue (when_full=%s)", self.name, _describe(exc), self.when_full)
+                self.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            if self._failing:
+                self._failing = False
+                log.warning("sink %s: writing again after %d failed attempts", self.name, self.failures)
+            self.written += len(batch)
+            return
+
+    async def drain(self, deadline: float) -> None:
+        """Deliver what is queued (until ``deadline``, a ``time.monotonic()`` value), then close
+        the sink. Undelivered records are counted as dropped and logged."""
+        self._closing = True
+        self._ready.set()
+        self._space.set()
+        task = self._task
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            except Exception as exc:  # noqa: BLE001 - reported below like any undelivered record
+                log.error("sink %s: delivery stopped: %s", self.name, _describe(exc))
+        left = len(self._queue) + self._inflight
+        if left:
+            self.dropped += left
+            self._queue.clear()
+            log.error("sink %s: %d queued records not delivered before the drain deadline; "
+                      "%d dropped in all", self.name, left, self.dropped)
+        try:
+            await self.sink.close()
+        except Exception as exc:  # noqa: BLE001 - closing one sink must not skip the others
+            log.error("sink %s: close failed: %s", self.name, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+class Fanout:
+    """All outlets; hands each record to every outlet that accepts it."""
+
+    def __init__(self, outlets: Sequence[Outlet]) -> None:
+        self.outlets = list(outlets)
+        self._blocking = any(o.when_full == "block" for o in self.outlets)
+
+    async def publish(self, record: Record) -> None:
+        """Queue one record on every accepting outlet (waits only for full ``block`` outlets)."""
+        for outlet in self.outlets:
+            if outlet.accepts(record):
+                if self._blocking and outlet.when_full == "block":
+                    await outlet.put(record)
+                else:
+                    outlet.offer(record)
+
+    def request_reopen(self) -> None:
+        for outlet in self.outlets:
+            outlet.request_reopen()
+
+    def stats(self) -> dict[str, Any]:
+        return {outlet.name: outlet.stats() for outlet in self.outlets}
+
+    async def drain(self, timeout: float) -> None:
+        """Drain every outlet concurrently, all within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        await asyncio.gather(*(outlet.drain(deadline) for outlet in self.outlets))

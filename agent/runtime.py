@@ -1,0 +1,144 @@
+"""The agent's lifecycle: build from a config, run until stopped, drain, close.
+
+:func:`build` loads the backend and sink plugins the config names (validating their options) and
+is all ``memagent check`` does. :meth:`Agent.run` starts the sinks, scans, ticks, publishes
+``agent`` records every ``stats_interval``, and on stop (the ``stop`` event: SIGINT/SIGTERM,
+``--duration``, ``--once``) publishes a last ``agent`` record, drains every outlet within
+``drain_timeout`` and closes backend and sinks. SIGHUP (:meth:`Agent.reopen`) asks sinks to
+reopen their files, as logrotate expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from memagent.config import Config
+from memagent.contracts import Backend, SinkContext
+from memagent.errors import MemagentError
+from memagent.fanout import Fanout, Outlet
+from memagent.records import RecordMaker, iso_utc, new_run_id
+from memagent.registry import build_backend, build_sink
+from memagent.scheduler import Scheduler
+from memagent.targets import Selector
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(MemagentError):
+    """The agent could not start (a sink failed to open); nothing is running. Exit 1."""
+
+
+@dataclass
+class Agent:
+    """A built agent; :meth:`run` it once."""
+
+    config: Config
+    backend: Backend
+    fanout: Fanout
+    scheduler: Scheduler
+    maker: RecordMaker
+
+    def reopen(self) -> None:
+        """Ask every sink to reopen before its next write (SIGHUP)."""
+        log.info("SIGHUP: reopening sinks")
+        self.fanout.request_reopen()
+
+    def stats(self, started: float) -> dict[str, Any]:
+        """The agent's counters, as published in ``agent`` records."""
+        c = self.scheduler.counters
+        return {"uptime_s": round(time.monotonic() - started, 3), "processes": self.scheduler.watched,
+                "records": self.maker.last_seq + 1, "ticks": c.ticks, "ticks_skipped": c.ticks_skipped,
+                "rescans": c.rescans, "backend_failures": c.backend_failures,
+                "sinks": self.fanout.stats()}
+
+    async def _publish_stats(self, started: float) -> None:
+        await self.fanout.publish(self.maker.agent(self.stats(started), iso_utc(time.time())))
+
+    async def _stats_forever(self, started: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.agent.stats_interval)
+            except TimeoutError:
+                await self._publish_stats(started)
+
+    async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
+        """Run until ``stop`` is set (or one round with ``once``), then drain and close."""
+        started = time.monotonic()
+        await self._start_outlets()
+        try:
+            await self.scheduler.rescan()
+            if once:
+                for watches in self.scheduler.groups().values():
+                    await self.scheduler.sample(watches)
+            else:
+                async with asyncio.TaskGroup() as group:
+                    for interval, watches in self.scheduler.groups().items():
+                        group.create_task(self.scheduler.tick_forever(interval, watches, stop))
+                    group.create_task(self.scheduler.rescan_forever(self.config.agent.rescan, stop))
+                    group.create_task(self._stats_forever(started, stop))
+        finally:
+            await self._publish_stats(started)
+            await self.fanout.drain(self.config.agent.drain_timeout)
+            self.backend.close()
+            dropped = sum(o.dropped for o in self.fanout.outlets)
+            log.info("stopped: %d records made, %d dropped", self.maker.last_seq, dropped)
+
+    async def _start_outlets(self) -> None:
+        started: list[Outlet] = []
+        for outlet in self.fanout.outlets:
+            try:
+                await outlet.start()
+            except Exception as exc:
+                for running in started:
+                    await running.drain(time.monotonic() + 1.0)
+                self.backend.close()
+                raise StartupError(f"sink {outlet.name}: cannot start: {exc}") from exc
+            started.append(outlet)
+
+
+def build(config: Config) -> Agent:
+    """Load and validate every plugin the config names; no I/O beyond imports."""
+    backend = build_backend(config.agent.backend, config.backends)
+    maker = RecordMaker(host=config.agent.hostname, os_name=backend.os, backend=backend.name,
+                        tags=config.agent.tags, run=new_run_id())
+    outlets = []
+    try:
+        for sink_config in config.sinks:
+            context = SinkContext(name=sink_config.name, hostname=config.agent.hostname,
+                                  run=maker.run, report=logging.getLogger(f"memagent.sink.{sink_config.name}").warning)
+            sink = build_sink(sink_config.type, sink_config.key, sink_config.options, context)
+            outlets.append(Outlet(sink_config.name, sink, queue=sink_config.queue,
+                                  when_full=sink_config.when_full, batch=sink_config.batch,
+                                  targets=sink_config.targets, extra=context.counters))
+    except BaseException:
+        backend.close()
+        raise
+    fanout = Fanout(outlets)
+    scheduler = Scheduler(backend, [Selector(t) for t in config.targets], maker, fanout)
+    return Agent(config, backend, fanout, scheduler, maker)
+
+
+async def run_until_signalled(agent: Agent, *, once: bool = False, duration: float | None = None) -> None:
+    """Run ``agent`` with SIGINT/SIGTERM stopping it gracefully and SIGHUP reopening sinks."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for signum, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set),
+                            (signal.SIGHUP, agent.reopen)):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, handler)
+            handled.append(signum)
+    timer = loop.call_later(duration, stop.set) if duration is not None else None
+    try:
+        await agent.run(stop, once=once)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for signum in handled:
+            loop.remove_signal_handler(signum)

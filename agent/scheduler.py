@@ -1,0 +1,194 @@
+"""The sampling loop: who is watched (rescans), when to sample (aligned ticks), what to emit.
+
+Guarantees:
+
+- Ticks fall on multiples of the target's interval on the wall clock (``interval = "1s"`` samples
+  at every whole second), without drift. A tick that cannot start within half an interval of its
+  slot — because the previous one overran or the loop was busy — is skipped and counted
+  (``ticks_skipped``), never run late in a burst.
+- Sampling yields to the event loop every :data:`~memagent.contracts.SAMPLE_CHUNK` processes and
+  process listing runs in a worker thread, so the loop is never blocked for long.
+- A process emits ``start`` when a target first matches it, ``exit`` when it is gone (seen by a
+  sample or a rescan), and at most one ``error`` per (process, kind) — never one per tick.
+- A backend failure (a bug, not a process's trouble) is logged once per episode and counted;
+  the agent keeps running.
+
+Not guaranteed: a process that lives shorter than the rescan period may never be seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from memagent.contracts import SAMPLE_CHUNK, Backend, Failure, Gone, Identity, ProcessInfo, Reading
+from memagent.fanout import Fanout
+from memagent.records import RecordMaker, iso_utc
+from memagent.targets import Selector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Watch:
+    """One target's live state."""
+
+    selector: Selector
+    members: dict[Identity, ProcessInfo] = field(default_factory=dict)
+    reported: dict[Identity, set[str]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.selector.config.name
+
+
+@dataclass
+class Counters:
+    ticks: int = 0
+    ticks_skipped: int = 0
+    rescans: int = 0
+    backend_failures: int = 0
+
+
+class Scheduler:
+    """Drives one backend for a set of targets, publishing records to a fanout."""
+
+    def __init__(self, backend: Backend, selectors: Sequence[Selector], maker: RecordMaker,
+                 fanout: Fanout) -> None:
+        self.backend = backend
+        self.watches = [Watch(selector) for selector in selectors]
+        self.maker = maker
+        self.fanout = fanout
+        self.counters = Counters()
+        self._holders: dict[Identity, int] = {}
+        self._lock = asyncio.Lock()
+        self._backend_failing = False
+
+    @property
+    def watched(self) -> int:
+        """Distinct processes being sampled."""
+        return len(self._holders)
+
+    def _hold(self, identity: Identity) -> None:
+        self._holders[identity] = self._holders.get(identity, 0) + 1
+
+    def _release(self, watch: Watch, identity: Identity) -> None:
+        watch.members.pop(identity, None)
+        watch.reported.pop(identity, None)
+        left = self._holders.get(identity, 0) - 1
+        if left > 0:
+            self._holders[identity] = left
+            return
+        self._holders.pop(identity, None)
+        try:
+            self.backend.forget(identity)
+        except Exception as exc:  # noqa: BLE001 - releasing one process must not stop the agent
+            log.debug("backend forget(%s) failed: %s", identity, exc)
+
+    def _backend_trouble(self, what: str, exc: Exception) -> None:
+        self.counters.backend_failures += 1
+        if not self._backend_failing:
+            self._backend_failing = True
+            log.error("backend %s: %s failed: %s: %s (counted; the agent keeps running)",
+                      self.backend.name, what, type(exc).__name__, exc)
+
+    async def rescan(self) -> None:
+        """List processes (in a thread) and update every target's members."""
+        try:
+            processes = await asyncio.to_thread(self.backend.list_processes)
+        except Exception as exc:  # noqa: BLE001 - see _backend_trouble
+            self._backend_trouble("listing processes", exc)
+            return
+        alive = {p.identity for p in processes}
+        async with self._lock:
+            self.counters.rescans += 1
+            ts = iso_utc(time.time())
+            for watch in self.watches:
+                matched = watch.selector.resolve(processes)
+                for identity, info in matched.items():
+                    if identity not in watch.members:
+                        watch.members[identity] = info
+                        self._hold(identity)
+                        await self.fanout.publish(self.maker.start(watch.name, info, ts))
+                for identity in [i for i in watch.members if i not in matched]:
+                    info = watch.members[identity]
+                    if identity not in alive:
+                        await self.fanout.publish(self.maker.exit(watch.name, info, ts))
+                    else:
+                        log.debug("target %s no longer matches pid %d", watch.name, info.pid)
+                    self._release(watch, identity)
+
+    async def sample(self, watches: Sequence[Watch]) -> None:
+        """Sample every member of ``watches`` once and publish the records."""
+        async with self._lock:
+            self.counters.ticks += 1
+            ts = iso_utc(time.time())
+            for watch in watches:
+                full = watch.selector.config.full
+                identities = list(watch.members)
+                for start in range(0, len(identities), SAMPLE_CHUNK):
+                    chunk = identities[start:start + SAMPLE_CHUNK]
+                    try:
+                        results = self.backend.sample(chunk, full)
+                    except Exception as exc:  # noqa: BLE001 - see _backend_trouble
+                        self._backend_trouble("sampling", exc)
+                        continue
+                    self._backend_failing = False
+                    for identity, result in zip(chunk, results, strict=False):
+                        await self._emit(watch, identity, result, ts)
+                    await asyncio.sleep(0)
+
+    async def _emit(self, watch: Watch, identity: Identity, result: object, ts: str) -> None:
+        info = watch.members.get(identity)
+        if info is None:
+            return
+        if isinstance(result, Reading):
+            await self.fanout.publish(self.maker.sample(watch.name, info, result, ts))
+        elif isinstance(result, Gone):
+            await self.fanout.publish(self.maker.exit(watch.name, info, ts))
+            self._release(watch, identity)
+        elif isinstance(result, Failure):
+            kinds = watch.reported.setdefault(identity, set())
+            if result.kind not in kinds:
+                kinds.add(result.kind)
+                await self.fanout.publish(self.maker.error(watch.name, info, result.kind,
+                                                           result.message, ts))
+
+    async def tick_forever(self, interval: float, watches: Sequence[Watch], stop: asyncio.Event) -> None:
+        """Sample ``watches`` on every aligned slot of ``interval`` until ``stop`` is set."""
+        slot = math.floor(time.time() / interval) + 1
+        while not stop.is_set():
+            delay = slot * interval - time.time()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    return
+                except TimeoutError:
+                    pass
+            late_slot = math.floor(time.time() / interval + 0.5)
+            if late_slot > slot:
+                self.counters.ticks_skipped += late_slot - slot
+                slot = late_slot
+                continue
+            await self.sample(watches)
+            slot += 1
+
+    def groups(self) -> dict[float, list[Watch]]:
+        """Watches grouped by interval: one ticker per distinct interval."""
+        grouped: dict[float, list[Watch]] = {}
+        for watch in self.watches:
+            grouped.setdefault(watch.selector.config.interval, []).append(watch)
+        return grouped
+
+    async def rescan_forever(self, period: float, stop: asyncio.Event) -> None:
+        """Rescan every ``period`` seconds until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), period)
+                return
+            except TimeoutError:
+                await self.rescan()

@@ -1,0 +1,40 @@
+"""Shared fixtures: schema validation of records, config files in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+
+@pytest.fixture(scope="session")
+def record_schema() -> dict[str, Any]:
+    """The JSON Schema shipped in the package."""
+    schema: dict[str, Any] = json.loads(
+        resources.files("memagent").joinpath("schema/record-v1.json").read_text(encoding="utf-8"))
+    return schema
+
+
+@pytest.fixture(scope="session")
+def validate_record(record_schema: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """Raises jsonschema.ValidationError for a record that does not follow the shipped schema."""
+    validator = jsonschema.Draft202012Validator(record_schema)
+    return validator.validate
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    """Writes TOML text to a fresh file and returns its path."""
+    counter = iter(range(1_000_000))
+
+    def write(text: str) -> Path:
+        path = tmp_path / f"config-{next(counter)}.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,103 @@
+"""Config validation: good configs parse; bad ones give one line naming the dotted key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from memagent.config import default_config_text, expand_variables, parse_config
+from memagent.errors import ConfigError
+
+MINIMAL = '[[targets]]\nname = "me"\nself = true\n'
+
+
+def test_minimal_config_defaults_to_stdout_and_one_second() -> None:
+    """A config with only a target gets the documented defaults."""
+    config = parse_config(MINIMAL)
+    assert config.agent.interval == 1.0
+    assert config.targets[0].interval == 1.0
+    assert [(s.type, s.name, s.queue, s.when_full) for s in config.sinks] == [
+        ("stdout", "stdout", 10_000, "drop_oldest")]
+
+
+def test_embedded_default_watches_every_process() -> None:
+    """`memagent run` without a config samples all processes every second to stdout."""
+    config = parse_config(default_config_text())
+    assert config.targets[0].all and config.targets[0].interval == 1.0
+    assert config.sinks[0].type == "stdout"
+
+
+def test_durations_accept_numbers_and_units() -> None:
+    """Durations are seconds or strings with ms/s/m/h units."""
+    config = parse_config('[agent]\ninterval = "250ms"\nrescan = 3\n' + MINIMAL
+                          + 'interval = "5m"\n')
+    assert config.agent.interval == 0.25
+    assert config.agent.rescan == 3.0
+    assert config.targets[0].interval == 300.0
+
+
+def test_variables_expand_with_defaults_and_escape() -> None:
+    """${VAR}, ${VAR:-default} and $${ work; comment lines are left alone."""
+    env = {"PORT": "9000", "EMPTY": ""}
+    text = 'a = ${PORT}\nb = "${MISSING:-x}"\nc = "$${LITERAL}"\nd = "${EMPTY:-fallback}"\n# ${UNSET}\n'
+    assert expand_variables(text, env) == ('a = 9000\nb = "x"\nc = "${LITERAL}"\nd = "fallback"\n'
+                                           "# ${UNSET}\n")
+
+
+def test_sink_framework_keys_are_separated_from_plugin_options() -> None:
+    """queue/when_full/batch/targets belong to the framework; the rest goes to the plugin."""
+    config = parse_config(MINIMAL + '[[sinks]]\ntype = "file"\npath = "/tmp/x"\nqueue = 5\n'
+                          'when_full = "block"\ntargets = ["me"]\n')
+    sink = config.sinks[0]
+    assert (sink.queue, sink.when_full, sink.targets) == (5, "block", ("me",))
+    assert sink.options == {"path": "/tmp/x"}
+
+
+BAD_CONFIGS = [
+    ('[agent]\ninterval = "-1s"\n' + MINIMAL, "agent.interval", "positive duration"),
+    (MINIMAL + 'interval = "-1s"\n', "targets[1].interval", 'must be a positive duration, got "-1s"'),
+    (MINIMAL + "interval = 0\n", "targets[1].interval", "positive duration"),
+    (MINIMAL + 'interval = "fast"\n', "targets[1].interval", '"fast"'),
+    ('[agent]\nintervall = "1s"\n' + MINIMAL, "agent.intervall", "did you mean interval?"),
+    (MINIMAL + 'cmdline = "([unclosed"\n', "targets[1].cmdline", "regular expression"),
+    (MINIMAL + "pid = -4\n", "targets[1].pid", "at least 1"),
+    (MINIMAL + 'pid = "12"\n', "targets[1].pid", "integer"),
+    (MINIMAL + "full = 1\n", "targets[1].full", "true or false"),
+    (MINIMAL + "chidren = true\n", "targets[1].chidren", "did you mean children?"),
+    ('[[targets]]\nname = "x"\n', "targets[1]", "needs a selector"),
+    ('[[targets]]\nself = true\n', "targets[1].name", "required"),
+    (MINIMAL + MINIMAL, "targets[2].name", "used by another target"),
+    ("[agent]\n", "targets", "at least one"),
+    ("[targets]\nname = 'x'\n", "targets", "array of tables"),
+    (MINIMAL + "[[sinks]]\nqueue = 3\n", "sinks[1].type", "required"),
+    (MINIMAL + '[[sinks]]\ntype = "stdout"\nwhen_full = "explode"\n', "sinks[1].when_full", "one of"),
+    (MINIMAL + '[[sinks]]\ntype = "stdout"\nqueue = 0\n', "sinks[1].queue", "at least 1"),
+    (MINIMAL + '[[sinks]]\ntype = "stdout"\ntargets = ["mee"]\n', "sinks[1].targets",
+     'no target named "mee"; did you mean me?'),
+    ("[agent\n", "<config>", "not valid TOML"),
+    ("[agent]\ntags = { env = [1] }\n" + MINIMAL, "agent.tags.env", "string"),
+    ("[agent]\nhostname = ${NO_SUCH_VARIABLE_X}\n" + MINIMAL, "line 2", "${NO_SUCH_VARIABLE_X} is not set"),
+    ("bogus = 1\n" + MINIMAL, "bogus", "unknown key"),
+    (MINIMAL + 'all = true\n', "targets[1].all", "cannot be combined"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), BAD_CONFIGS, ids=[c[1] + ":" + c[2][:20] for c in BAD_CONFIGS])
+def test_bad_config_names_the_key(text: str, key: str, fragment: str) -> None:
+    """Each mistake is a ConfigError whose one-line message starts with the dotted key."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{key}: "), message
+    assert fragment in message
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """A config path that does not exist names the path."""
+    from memagent.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'nope.toml'}: no such file")):
+        load_config(tmp_path / "nope.toml")
