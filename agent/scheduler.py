@@ -109,11 +109,6 @@ class Scheduler:
             ts = iso_utc(time.time())
             for watch in self.watches:
                 matched = watch.selector.resolve(processes)
-                for identity, info in matched.items():
-                    if identity not in watch.members:
-                        watch.members[identity] = info
-                        self._hold(identity)
-                        await self.fanout.publish(self.maker.start(watch.name, info, ts))
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
                     if identity not in alive:
@@ -121,6 +116,11 @@ class Scheduler:
                     else:
                         log.debug("target %s no longer matches pid %d", watch.name, info.pid)
                     self._release(watch, identity)
+                for identity, info in matched.items():
+                    if identity not in watch.members:
+                        watch.members[identity] = info
+                        self._hold(identity)
+                        await self.fanout.publish(self.maker.start(watch.name, info, ts))
 
     async def sample(self, watches: Sequence[Watch]) -> None:
         """Sample every member of ``watches`` once and publish the records."""

@@ -99,3 +99,51 @@ class FakeBackend:
 
     def close(self) -> None:
         self.closed = True
+
+
+class RecordingSink:
+    """A sink that keeps every batch it is given, for assertions.
+
+    ``fail_next`` makes that many following writes raise SinkError; ``gate`` (an Event) when
+    cleared makes writes wait until it is set (a stalled sink). Lifecycle calls are recorded.
+    """
+
+    name: ClassVar[str] = "recording"
+    sample_config: ClassVar[str] = '[[sinks]]\ntype = "recording"\n'
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.batches: list[list[Record]] = []
+        self.calls: list[str] = []
+        self.fail_next = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    @classmethod
+    def from_options(cls, options: Options, context: SinkContext) -> RecordingSink:
+        options.finish()
+        return cls()
+
+    @property
+    def records(self) -> list[Record]:
+        return [record for batch in self.batches for record in batch]
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        from memagent.errors import SinkError
+
+        self.calls.append("write")
+        await self.gate.wait()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("injected failure")
+        self.batches.append(list(batch))
+
+    async def reopen(self) -> None:
+        self.calls.append("reopen")
+
+    async def close(self) -> None:
+        self.calls.append("close")

@@ -1,0 +1,157 @@
+"""Outlets: bounded queues, drop policies, retries, drain — one sink never hurts another."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from memagent.fanout import Fanout, Outlet
+from memagent.testing import RecordingSink, make_records
+
+
+def outlet(sink: RecordingSink, *, queue: int = 100, when_full: str = "drop_oldest", batch: int = 10,
+           targets: list[str] | None = None, name: str = "rec") -> Outlet:
+    return Outlet(name, sink, queue=queue, when_full=when_full, batch=batch, targets=targets)
+
+
+async def test_records_arrive_in_order_in_batches() -> None:
+    """Everything offered is written once, in order, in batches no larger than `batch`."""
+    sink = RecordingSink()
+    out = outlet(sink, batch=7)
+    await out.start()
+    for record in make_records(50):
+        out.offer(record)
+    await out.drain(time.monotonic() + 5)
+    assert [r.seq for r in sink.records] == list(range(1, 51))
+    assert max(len(b) for b in sink.batches) <= 7
+    assert sink.calls[0] == "start" and sink.calls[-1] == "close"
+    assert out.written == 50 and out.dropped == 0
+
+
+async def test_drop_oldest_keeps_the_newest_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """A stalled sink with a full queue loses its oldest records, counted and logged once."""
+    sink = RecordingSink()
+    sink.gate.clear()
+    out = outlet(sink, queue=10, batch=5)
+    await out.start()
+    records = make_records(40)
+    out.offer(records[0])
+    await asyncio.sleep(0)  # the first batch (record 1) is now in the stalled write
+    with caplog.at_level(logging.WARNING):
+        for record in records[1:]:
+            out.offer(record)
+    assert out.dropped == 29
+    assert sum("dropping records" in m for m in caplog.messages) == 1
+    sink.gate.set()
+    await out.drain(time.monotonic() + 5)
+    assert [r.seq for r in sink.records] == [1] + list(range(31, 41))
+
+
+async def test_drop_newest_keeps_the_oldest() -> None:
+    """drop_newest refuses new records while the queue is full."""
+    sink = RecordingSink()
+    sink.gate.clear()
+    out = outlet(sink, queue=10, when_full="drop_newest", batch=100)
+    await out.start()
+    records = make_records(30)
+    out.offer(records[0])
+    await asyncio.sleep(0)
+    for record in records[1:]:
+        out.offer(record)
+    sink.gate.set()
+    await out.drain(time.monotonic() + 5)
+    assert [r.seq for r in sink.records] == list(range(1, 12))
+    assert out.dropped == 19
+
+
+async def test_block_waits_for_room_and_drops_nothing() -> None:
+    """With when_full=block the producer waits; every record arrives."""
+    sink = RecordingSink()
+    out = outlet(sink, queue=3, when_full="block", batch=2)
+    fanout = Fanout([out])
+    await out.start()
+    for record in make_records(100):
+        await fanout.publish(record)
+        assert out.queued <= 3 + 2
+    await fanout.drain(5)
+    assert [r.seq for r in sink.records] == list(range(1, 101))
+    assert out.dropped == 0
+
+
+async def test_failed_batch_is_retried_and_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A failing write is retried with the same batch; one error line and one recovery line."""
+    sink = RecordingSink()
+    sink.fail_next = 3
+    out = outlet(sink, batch=100)
+    await out.start()
+    with caplog.at_level(logging.INFO):
+        for record in make_records(20):
+            out.offer(record)
+        await out.drain(time.monotonic() + 10)
+    assert [r.seq for r in sink.records] == list(range(1, 21))
+    assert out.failures == 3 and out.dropped == 0
+    assert sum("write failed" in m for m in caplog.messages) == 1
+    assert sum("writing again" in m for m in caplog.messages) == 1
+
+
+async def test_a_stalled_sink_does_not_slow_another() -> None:
+    """One sink stuck forever; the other receives everything and the publisher never waits."""
+    stuck, healthy = RecordingSink(), RecordingSink()
+    stuck.gate.clear()
+    fanout = Fanout([outlet(stuck, name="stuck", queue=5), outlet(healthy, name="healthy", queue=1000)])
+    for o in fanout.outlets:
+        await o.start()
+    for record in make_records(500):
+        await fanout.publish(record)
+    await asyncio.sleep(0.05)
+    assert len(healthy.records) == 500
+    await fanout.drain(0.2)
+    stuck_outlet = fanout.outlets[0]
+    assert stuck_outlet.dropped == 500 and stuck.records == []
+    assert stuck.calls[-1] == "close"
+
+
+async def test_drain_deadline_counts_what_could_not_be_delivered(caplog: pytest.LogCaptureFixture) -> None:
+    """Records still queued or in flight at the deadline are counted as dropped and logged."""
+    sink = RecordingSink()
+    sink.fail_next = 1_000_000
+    out = outlet(sink, batch=4)
+    await out.start()
+    for record in make_records(10):
+        out.offer(record)
+    with caplog.at_level(logging.ERROR):
+        await out.drain(time.monotonic() + 0.3)
+    assert out.dropped == 10
+    assert any("10 queued records not delivered" in m for m in caplog.messages)
+
+
+async def test_reopen_is_requested_between_writes() -> None:
+    """SIGHUP's reopen reaches an idle sink without waiting for a record."""
+    sink = RecordingSink()
+    out = outlet(sink)
+    await out.start()
+    out.request_reopen()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert "reopen" in sink.calls
+    await out.drain(time.monotonic() + 1)
+
+
+async def test_routing_by_target_keeps_agent_records_everywhere() -> None:
+    """A sink with targets=["a"] gets target a and agent records only."""
+    from memagent.records import RecordMaker
+
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    a, b = make_records(2, target="a", maker=maker), make_records(2, target="b", maker=maker)
+    agent_record = maker.agent({"x": 1}, "2026-01-01T00:00:00Z")
+    sink = RecordingSink()
+    out = outlet(sink, targets=["a"])
+    await out.start()
+    fanout = Fanout([out])
+    for record in [*a, *b, agent_record]:
+        await fanout.publish(record)
+    await fanout.drain(5)
+    assert [r.target for r in sink.records] == ["a", "a", None]
