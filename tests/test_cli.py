@@ -1,0 +1,228 @@
+"""The real `memagent` command, end to end: records, exit codes, errors, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli_helpers import (
+    assert_contiguous,
+    env_with,
+    parse_records,
+    ps_rss_vsz,
+    run_cli,
+    spawn_allocator,
+    start_agent,
+    stop_child,
+    wait_for,
+)
+from memagent.cli import main
+from bad_configs import BAD_CONFIGS
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+
+def test_quickstart_once_prints_valid_contiguous_records(
+        validate_record: Callable[[dict[str, Any]], None]) -> None:
+    """`memagent run examples/quickstart.toml --once`: start + sample records, schema-valid, no gaps."""
+    result = run_cli("run", str(REPO / "examples/quickstart.toml"), "--once")
+    assert result.returncode == 0, result.stderr
+    records = parse_records(result.stdout)
+    assert_contiguous(records)
+    for record in records:
+        validate_record(record)
+    own = [r for r in records if r["target"] == "memagent" and r["type"] == "sample"] if records else []
+    assert len(own) == 1 and own[0]["full"]["pss"] > 0
+    assert records[-1]["type"] == "agent"
+    assert records[0]["tags"] == {"env": "quickstart"}
+
+
+def test_default_config_samples_every_visible_process(
+        validate_record: Callable[[dict[str, Any]], None]) -> None:
+    """`memagent run --once` with no config covers the processes `ps` sees."""
+    ps_pids = {int(p) for p in subprocess.run(["ps", "-e", "-o", "pid="], capture_output=True,
+                                              text=True, check=True).stdout.split()}
+    result = run_cli("run", "--once")
+    assert result.returncode == 0, result.stderr
+    records = parse_records(result.stdout)
+    sampled = {r["pid"] for r in records if r["type"] == "sample"}
+    # processes may come and go between the two listings; nearly all must be there
+    assert len(sampled & ps_pids) >= 0.9 * len(ps_pids)
+    for record in records[:50]:
+        validate_record(record)
+
+
+def test_rss_and_vms_match_ps_for_a_200mb_child(write_config: Callable[[str], Path]) -> None:
+    """A child holding 200 MiB: rss/vms equal `ps` × 1024 within two pages; statm fields too."""
+    child = spawn_allocator(200)
+    try:
+        config = write_config(f'[[targets]]\nname = "alloc"\npid = {child.pid}\nfull = true\n')
+        result = run_cli("run", str(config), "--once")
+        ps_rss, ps_vsz = ps_rss_vsz(child.pid)
+        statm = [int(v) * PAGE for v in Path(f"/proc/{child.pid}/statm").read_text().split()]
+    finally:
+        stop_child(child)
+    assert result.returncode == 0, result.stderr
+    sample = next(r for r in parse_records(result.stdout) if r["type"] == "sample")
+    assert sample["portable"]["rss"] >= 200 * 1024 * 1024
+    assert abs(sample["portable"]["rss"] - ps_rss) <= 2 * PAGE
+    assert abs(sample["portable"]["vms"] - ps_vsz) <= 2 * PAGE
+    platform = sample["platform"]
+    assert abs(platform["shared"] - statm[2]) <= 2 * PAGE
+    assert platform["text"] == statm[3] and platform["data"] == statm[5]
+
+
+def test_plugins_lists_builtins_with_distribution() -> None:
+    """`memagent plugins` shows each built-in, its kind, distribution and whether it loads."""
+    result = run_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    for name, kind in (("linux", "backend"), ("psutil", "backend"), ("stdout", "sink"),
+                       ("file", "sink"), ("websocket", "sink")):
+        assert rows[name][1:3] == [kind, "memagent"]
+    assert rows["linux"][4] == "yes" and rows["stdout"][4] == "yes"
+
+
+def test_schema_command_prints_the_shipped_schema(record_schema: dict[str, Any]) -> None:
+    """`memagent schema` prints the JSON Schema the tests validate with."""
+    result = run_cli("schema")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == record_schema
+
+
+def test_sample_config_is_a_valid_config(write_config: Callable[[str], Path]) -> None:
+    """`memagent sample-config` output passes `memagent check` as is."""
+    result = run_cli("sample-config")
+    assert result.returncode == 0, result.stderr
+    check = run_cli("check", str(write_config(result.stdout)))
+    assert check.returncode == 0, check.stderr
+    assert "ok" in check.stdout
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), BAD_CONFIGS,
+                         ids=[c[1] + ":" + c[2][:20] for c in BAD_CONFIGS])
+def test_bad_config_exits_2_with_one_line(text: str, key: str, fragment: str,
+                                          write_config: Callable[[str], Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`memagent run BAD` exits 2 with one stderr line naming the key, no traceback."""
+    code = main(["run", str(write_config(text)), "--once"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("memagent: error: ") and key in err and fragment in err
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    ('[[sinks]]\ntype = "nosuch"\n', 'sinks[1].type: no sink plugin named'),
+    ('[[sinks]]\ntype = "stdout"\nformat = "xml"\n', 'sinks[1].format: must be one of'),
+    ('[[sinks]]\ntype = "stdout"\nfromat = "text"\n', 'sinks[1].fromat: unknown key; did you mean format?'),
+    ('[agent]\nbackend = "linuxx"\n', "agent.backend: no backend plugin named 'linuxx'; did you mean linux?"),
+    ('[backends.linux]\nprocfs = 3\n', "backends.linux.procfs"),
+])
+def test_plugin_option_errors_exit_2(extra: str, fragment: str, write_config: Callable[[str], Path]) -> None:
+    """Plugin options are validated by the plugin, reported by dotted key, exit 2 (real process)."""
+    result = run_cli("check", str(write_config('[[targets]]\nname = "me"\nself = true\n' + extra)))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert fragment in result.stderr
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown commands and bad flags are one line and exit 2."""
+    assert main(["frobnicate"]) == 2
+    assert main(["run", "--duration", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_flushes(signum: int, write_config: Callable[[str], Path]) -> None:
+    """SIGTERM/SIGINT: exit 0, the final agent record written, no gap in seq."""
+    config = write_config('[agent]\ninterval = "20ms"\n[[targets]]\nname = "me"\nself = true\n')
+    agent = start_agent(config)
+    assert agent.stdout is not None
+    first = agent.stdout.readline()  # running: the start record is out
+    assert b'"start"' in first
+    agent.send_signal(signum)
+    out, err = agent.communicate(timeout=20)
+    assert agent.returncode == 0, err
+    records = parse_records((first + out).decode())
+    assert_contiguous(records)
+    assert records[-1]["type"] == "agent"
+    assert records[-1]["agent"]["sinks"]["stdout"]["dropped"] == 0
+
+
+def test_duration_stops_the_run(write_config: Callable[[str], Path]) -> None:
+    """--duration S runs about S seconds of aligned ticks, then exits 0."""
+    config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "me"\nself = true\n')
+    result = run_cli("run", str(config), "--duration", "1.05")
+    assert result.returncode == 0, result.stderr
+    samples = [r for r in parse_records(result.stdout) if r["type"] == "sample"]
+    assert 8 <= len(samples) <= 11
+
+
+def test_exit_then_start_for_a_reused_pid(write_config: Callable[[str], Path]) -> None:
+    """A watched process that exits yields `exit`; a new process given its pid yields a new `start`."""
+    ns_last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    try:
+        ns_last_pid.write_text(ns_last_pid.read_text())
+    except OSError:
+        pytest.skip("forcing pid reuse needs write access to /proc/sys/kernel/ns_last_pid (root)")
+    config = write_config('[agent]\ninterval = "50ms"\nrescan = "50ms"\n'
+                          '[[targets]]\nname = "reuse"\ncmdline = "memagent-reuse-marker"\n')
+    agent = start_agent(config)
+    seen: list[dict[str, Any]] = []
+    assert agent.stdout is not None
+
+    def read_until(kind: str) -> dict[str, Any]:
+        while True:
+            line = agent.stdout.readline()  # type: ignore[union-attr]
+            assert line, "agent ended early"
+            record = json.loads(line)
+            seen.append(record)
+            if record["type"] == kind:
+                return record
+
+    try:
+        first = spawn_allocator(1, "memagent-reuse-marker")
+        start_one = read_until("start")
+        read_until("sample")
+        pid = first.pid
+        stop_child(first)
+        exit_one = read_until("exit")
+        second = None
+        for _ in range(50):  # another process on this machine may take the pid first; retry
+            ns_last_pid.write_text(str(pid - 1))
+            candidate = spawn_allocator(1, "memagent-reuse-marker")
+            if candidate.pid == pid:
+                second = candidate
+                break
+            stop_child(candidate)
+            read_until("exit")
+        assert second is not None, "could not get the same pid again"
+        start_two = read_until("start")
+        stop_child(second)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.communicate(timeout=20)
+    assert start_one["pid"] == exit_one["pid"] == start_two["pid"] == pid
+    assert exit_one["started"] == start_one["started"]
+    assert start_two["started"] != start_one["started"]
+    assert start_one["seq"] < exit_one["seq"] < start_two["seq"]
+    wait_for(lambda: agent.returncode is not None)
+
+
+def test_missing_variable_is_reported_with_its_line(write_config: Callable[[str], Path]) -> None:
+    """An unset ${VAR} without default: exit 2, names the variable and the line."""
+    config = write_config('[agent]\nhostname = "${MEMAGENT_TEST_UNSET}"\n[[targets]]\nname="x"\nself=true\n')
+    result = run_cli("check", str(config), env=env_with())
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("memagent: error: line 2: ${MEMAGENT_TEST_UNSET} is not set "
+                                     "(set it, or write ${MEMAGENT_TEST_UNSET:-default})")
