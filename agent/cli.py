@@ -82,7 +82,7 @@ def _check(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     rows = [("NAME", "KIND", "DISTRIBUTION", "VERSION", "LOADS HERE")]
     for kind in ("backend", "sink"):
-        for spec in discover(kind):  # type: ignore[arg-type]
+        for spec in discover(kind):
             try:
                 load(spec)
                 loads = "yes"

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-
 from memagent.contracts import ProcessInfo, Reading, Record
 
 SCHEMA_VERSION = 1

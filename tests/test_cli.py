@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+from bad_configs import BAD_CONFIGS
 from cli_helpers import (
     assert_contiguous,
     env_with,
@@ -23,7 +23,6 @@ from cli_helpers import (
     wait_for,
 )
 from memagent.cli import main
-from bad_configs import BAD_CONFIGS
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = 4096

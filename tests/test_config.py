@@ -6,11 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
-
-from memagent.config import default_config_text, expand_variables, parse_config
 from bad_configs import BAD_CONFIGS, MINIMAL
+from memagent.config import default_config_text, expand_variables, parse_config
 from memagent.errors import ConfigError
-
 
 
 def test_minimal_config_defaults_to_stdout_and_one_second() -> None:
@@ -55,7 +53,8 @@ def test_sink_framework_keys_are_separated_from_plugin_options() -> None:
     assert sink.options == {"path": "/tmp/x"}
 
 
-@pytest.mark.parametrize(("text", "key", "fragment"), BAD_CONFIGS, ids=[c[1] + ":" + c[2][:20] for c in BAD_CONFIGS])
+@pytest.mark.parametrize(("text", "key", "fragment"), BAD_CONFIGS,
+                         ids=[c[1] + ":" + c[2][:20] for c in BAD_CONFIGS])
 def test_bad_config_names_the_key(text: str, key: str, fragment: str) -> None:
     """Each mistake is a ConfigError whose one-line message starts with the dotted key."""
     with pytest.raises(ConfigError) as caught:

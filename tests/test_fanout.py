@@ -7,7 +7,6 @@ import logging
 import time
 
 import pytest
-
 from memagent.fanout import Fanout, Outlet
 from memagent.testing import RecordingSink, make_records
 

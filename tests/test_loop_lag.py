@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import time
 
 import pytest
-
 from memagent.config import TargetConfig
 from memagent.fanout import Fanout, Outlet
 from memagent.records import RecordMaker
@@ -33,7 +33,7 @@ def thousand_sleepers() -> list[subprocess.Popen[bytes]]:
 async def test_worst_loop_lag_with_1000_processes(thousand_sleepers: list[subprocess.Popen[bytes]]) -> None:
     """Rescans and 5 Hz ticks over 1,000 processes: the loop's worst lag stays small (printed)."""
     backend = build_backend("auto", {})
-    target = TargetConfig(name="sleepers", interval=0.2, cmdline=__import__("re").compile(f"^sleep {MARKER}$"))
+    target = TargetConfig(name="sleepers", interval=0.2, cmdline=re.compile(f"^sleep {MARKER}$"))
     sink = RecordingSink()
     outlet = Outlet("rec", sink, queue=100_000, when_full="drop_oldest", batch=2000, targets=None)
     scheduler = Scheduler(backend, [Selector(target)],

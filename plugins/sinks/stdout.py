@@ -9,6 +9,7 @@ undelivered like any failing sink's, never silently lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO, ClassVar
@@ -99,7 +100,5 @@ type = "stdout"
 
     async def close(self) -> None:
         if self._stream is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):  # already closed or broken: nothing to flush
                 self._stream.flush()
-            except (OSError, ValueError):
-                pass
