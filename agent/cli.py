@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemagentError as exc:
         return _fail(exc, EXIT_FAILURE, debug)
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:  # `memagent schema | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         print(f"memagent: error: unexpected {type(exc).__name__}: {exc} "

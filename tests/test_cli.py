@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -225,3 +226,28 @@ def test_missing_variable_is_reported_with_its_line(write_config: Callable[[str]
     assert result.returncode == 2
     assert result.stderr.strip() == ("memagent: error: line 2: ${MEMAGENT_TEST_UNSET} is not set "
                                      "(set it, or write ${MEMAGENT_TEST_UNSET:-default})")
+
+
+def test_text_format_is_one_readable_line_per_record(write_config: Callable[[str], Path]) -> None:
+    """format = "text": start, sample (with MiB figures) and agent lines, no JSON."""
+    config = write_config('[[targets]]\nname = "me"\nself = true\nfull = true\n'
+                          '[[sinks]]\ntype = "stdout"\nformat = "text"\n')
+    result = run_cli("run", str(config), "--once")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert " me " in lines[0] and " start: " in lines[0]
+    assert re.search(r" me \d+ python\S* rss=\d+\.\dMiB vms=\d+\.\dMiB uss=", lines[1]), lines[1]
+    assert " agent processes=1 records=" in lines[2] and "dropped=0" in lines[2]
+
+
+def test_agent_records_come_every_stats_interval(write_config: Callable[[str], Path]) -> None:
+    """stats_interval = "200ms" over ~1 s gives several agent records with counters."""
+    config = write_config('[agent]\nstats_interval = "200ms"\ninterval = "100ms"\n'
+                          '[[targets]]\nname = "me"\nself = true\n')
+    result = run_cli("run", str(config), "--duration", "1.1")
+    agents = [r for r in parse_records(result.stdout) if r["type"] == "agent"]
+    assert 5 <= len(agents) <= 7
+    last = agents[-1]["agent"]
+    assert last["processes"] == 1 and last["ticks"] >= 9
+    assert last["sinks"]["stdout"]["written"] >= last["records"] - len(agents)
