@@ -51,6 +51,7 @@ class Outlet:
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._closing = False
+        self._unblocked = False
         self._reopen = False
         self._task: asyncio.Task[None] | None = None
         self._inflight = 0
@@ -106,11 +107,17 @@ class Outlet:
         self._ready.set()
 
     async def put(self, record: Record) -> None:
-        """Queue, waiting for room when the policy is ``block``."""
-        while self.when_full == "block" and len(self._queue) >= self.capacity and not self._closing:
+        """Queue, waiting for room when the policy is ``block`` (until :meth:`unblock`)."""
+        while self.when_full == "block" and len(self._queue) >= self.capacity and not self._unblocked:
             self._space.clear()
             await self._space.wait()
         self.offer(record)
+
+    def unblock(self) -> None:
+        """Stop making producers wait (the agent is stopping): from now on a full ``block``
+        queue drops its oldest record, counted, so shutdown can never hang on a stuck sink."""
+        self._unblocked = True
+        self._space.set()
 
     def request_reopen(self) -> None:
         """Ask the sink to reopen (SIGHUP) before its next write, even if nothing is queued."""
@@ -172,8 +179,8 @@ class Outlet:
         """Deliver what is queued (until ``deadline``, a ``time.monotonic()`` value), then close
         the sink. Undelivered records are counted as dropped and logged."""
         self._closing = True
+        self.unblock()
         self._ready.set()
-        self._space.set()
         task = self._task
         if task is not None:
             try:
@@ -219,6 +226,11 @@ class Fanout:
     def request_reopen(self) -> None:
         for outlet in self.outlets:
             outlet.request_reopen()
+
+    def unblock(self) -> None:
+        """See :meth:`Outlet.unblock`."""
+        for outlet in self.outlets:
+            outlet.unblock()
 
     def stats(self) -> dict[str, Any]:
         return {outlet.name: outlet.stats() for outlet in self.outlets}

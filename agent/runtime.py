@@ -67,6 +67,10 @@ class Agent:
             except TimeoutError:
                 await self._publish_stats(started)
 
+    async def _unblock_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.fanout.unblock()
+
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
         """Run until ``stop`` is set (or one round with ``once``), then drain and close."""
         started = time.monotonic()
@@ -78,11 +82,13 @@ class Agent:
                     await self.scheduler.sample(watches)
             else:
                 async with asyncio.TaskGroup() as group:
+                    group.create_task(self._unblock_on(stop))
                     for interval, watches in self.scheduler.groups().items():
                         group.create_task(self.scheduler.tick_forever(interval, watches, stop))
                     group.create_task(self.scheduler.rescan_forever(self.config.agent.rescan, stop))
                     group.create_task(self._stats_forever(started, stop))
         finally:
+            self.fanout.unblock()
             await self._publish_stats(started)
             await self.fanout.drain(self.config.agent.drain_timeout)
             self.backend.close()

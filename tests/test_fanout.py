@@ -7,6 +7,7 @@ import logging
 import time
 
 import pytest
+from memagent.contracts import Record
 from memagent.fanout import Fanout, Outlet
 from memagent.testing import RecordingSink, make_records
 
@@ -154,3 +155,26 @@ async def test_routing_by_target_keeps_agent_records_everywhere() -> None:
         await fanout.publish(record)
     await fanout.drain(5)
     assert [r.target for r in sink.records] == ["a", "a", None]
+
+
+async def test_unblock_frees_a_producer_stuck_on_a_block_outlet() -> None:
+    """At shutdown a `block` outlet on a stuck sink stops holding the producer; drops are counted."""
+    sink = RecordingSink()
+    sink.gate.clear()
+    out = outlet(sink, queue=2, when_full="block", batch=1)
+    fanout = Fanout([out])
+    await out.start()
+    records = make_records(10)
+    producer = asyncio.create_task(_publish_all(fanout, records))
+    await asyncio.sleep(0.05)
+    assert not producer.done()  # waiting for room, as `block` promises
+    fanout.unblock()
+    await asyncio.wait_for(producer, 1)
+    await fanout.drain(0.1)
+    assert out.dropped == 10 - len(sink.records)
+    assert out.dropped > 0
+
+
+async def _publish_all(fanout: Fanout, records: list[Record]) -> None:
+    for record in records:
+        await fanout.publish(record)
