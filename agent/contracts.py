@@ -66,13 +66,16 @@ class ProcessInfo:
 class Reading:
     """One memory sample of one process. All values are ints: bytes, except the counts named in
     the schema (``pfaults``, ``pageins``, ``num_page_faults``). A field the backend cannot provide
-    is absent, never faked. ``full`` is None unless full info was asked for and could be read."""
+    is absent, never faked. ``full`` is None unless full info was asked for and could be read;
+    when it was asked for but could not be read, ``problems`` says why as (kind, message) pairs,
+    which the framework reports once per process and kind, like a :class:`Failure`."""
 
     pid: int
     started: float
     portable: dict[str, int]
     platform: dict[str, int]
     full: dict[str, int] | None = None
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,16 +147,21 @@ class Scheduler:
         if info is None:
             return
         if isinstance(result, Reading):
+            for kind, message in result.problems:
+                await self._report_once(watch, identity, info, kind, message, ts)
             await self.fanout.publish(self.maker.sample(watch.name, info, result, ts))
         elif isinstance(result, Gone):
             await self.fanout.publish(self.maker.exit(watch.name, info, ts))
             self._release(watch, identity)
         elif isinstance(result, Failure):
-            kinds = watch.reported.setdefault(identity, set())
-            if result.kind not in kinds:
-                kinds.add(result.kind)
-                await self.fanout.publish(self.maker.error(watch.name, info, result.kind,
-                                                           result.message, ts))
+            await self._report_once(watch, identity, info, result.kind, result.message, ts)
+
+    async def _report_once(self, watch: Watch, identity: Identity, info: ProcessInfo, kind: str,
+                           message: str, ts: str) -> None:
+        kinds = watch.reported.setdefault(identity, set())
+        if kind not in kinds:
+            kinds.add(kind)
+            await self.fanout.publish(self.maker.error(watch.name, info, kind, message, ts))
 
     async def tick_forever(self, interval: float, watches: Sequence[Watch], stop: asyncio.Event) -> None:
         """Sample ``watches`` on every aligned slot of ``interval`` until ``stop`` is set."""

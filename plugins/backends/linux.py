@@ -1,0 +1,287 @@
+"""The ``linux`` backend: native procfs, the numbers psutil's ``memory_info()`` reports, fast.
+
+What it reads (``procfs`` defaults to ``/proc``; ``"/host/proc"`` lets a container watch its host,
+and tests point it at fixture trees):
+
+- ``<pid>/statm`` × page size → ``rss``, ``vms`` and the platform fields ``shared``, ``text``,
+  ``lib``, ``data``, ``dirty``, exactly as psutil computes them. One fd per process stays open
+  and is re-read with ``os.pread(fd, n, 0)``; a read on a reaped process fails with ESRCH, which
+  is how an exit is seen. The fd is opened only after ``<pid>/stat`` confirms the start time of
+  the identity, so a pid reused between listing and sampling is never misattributed.
+- ``full = true``: ``<pid>/smaps_rollup`` (``smaps`` where the kernel has no rollup) →
+  ``uss`` (sum of ``Private_*``), ``pss``, ``swap``; kB × 1024. Reading it needs ptrace access
+  (root or the process's user): when denied, the sample still goes out without ``full`` and one
+  ``error`` record says why.
+- Zombies and kernel threads read zeros, as with psutil.
+
+Open fds are budgeted: RLIMIT_NOFILE's soft limit is raised as far as the hard limit allows, and
+at most ``max_open_fds`` (default: the limit less a reserve of :data:`FD_RESERVE` for sinks and
+clients) are kept; past that, processes are read with open/read/close — slower, still correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pwd
+import resource
+import sys
+from collections.abc import Sequence
+from typing import ClassVar
+
+from memagent.contracts import Failure, Gone, Identity, ProcessInfo, Reading, SampleResult
+from memagent.errors import ConfigError
+from memagent.options import Options
+
+PLATFORM_FIELDS = ("shared", "text", "lib", "data", "dirty")
+FD_RESERVE = 1024  # fds left for sinks, WebSocket clients, logs: the agent's own needs come first
+_GONE_ERRNOS = (errno.ESRCH, errno.ENOENT)
+_STATM_BYTES = 128  # 7 numbers; a 64-bit statm line is at most ~140 chars, the kernel gives < 100
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit if allowed; return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def parse_stat(text: str) -> tuple[str, int, int]:
+    """(comm, ppid, starttime ticks) from a ``/proc/<pid>/stat`` line. The comm may contain
+    spaces and parentheses, so fields are counted from the last ``)``."""
+    open_paren, close_paren = text.index("("), text.rindex(")")
+    fields = text[close_paren + 2:].split()
+    # fields[0] is field 3 (state): ppid is field 4, starttime field 22
+    return text[open_paren + 1:close_paren], int(fields[1]), int(fields[19])
+
+
+def parse_rollup(text: str) -> dict[str, int]:
+    """uss / pss / swap in bytes from smaps_rollup (or smaps: the same lines, per mapping)."""
+    uss = pss = swap = 0
+    for line in text.splitlines():
+        if line.startswith("Private_"):
+            uss += int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss += int(line.split()[1])
+        elif line.startswith("Swap:"):
+            swap += int(line.split()[1])
+    return {"uss": uss * 1024, "pss": pss * 1024, "swap": swap * 1024}
+
+
+class LinuxBackend:
+    """Samples processes from procfs. See the module docstring."""
+
+    name: ClassVar[str] = "linux"
+    os: ClassVar[str] = "linux"
+    platform_fields: ClassVar[tuple[str, ...]] = PLATFORM_FIELDS
+
+    def __init__(self, procfs: str = "/proc", max_open_fds: int | None = None) -> None:
+        self.procfs = procfs.rstrip("/") or "/"
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.boot_time = self._boot_time()
+        if max_open_fds is None:
+            max_open_fds = max(0, raise_fd_limit() - FD_RESERVE)
+        self.max_open_fds = max_open_fds
+        self._fds: dict[Identity, int] = {}
+        self._details: dict[Identity, ProcessInfo] = {}
+        self._users: dict[int, str] = {}
+        self._smaps_name = "smaps_rollup"
+
+    @classmethod
+    def available(cls) -> bool:
+        return sys.platform.startswith("linux") and os.path.exists("/proc/self/statm")
+
+    @classmethod
+    def from_options(cls, options: Options) -> LinuxBackend:
+        procfs = options.string("procfs", "/proc", nonempty=True)
+        max_open_fds = options.integer("max_open_fds", None, minimum=0)
+        options.finish()
+        if not os.path.isfile(os.path.join(procfs, "stat")):
+            raise ConfigError(options.key("procfs"), f'"{procfs}" is not a procfs (no {procfs}/stat)')
+        return cls(procfs, max_open_fds)
+
+    def _boot_time(self) -> float:
+        with open(f"{self.procfs}/stat", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("btime"):
+                    return float(line.split()[1])
+        raise ConfigError("backends.linux.procfs", f"{self.procfs}/stat has no btime line")
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def _read(self, pid: int, name: str) -> str:
+        with open(f"{self.procfs}/{pid}/{name}", encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def _identity(self, pid: int) -> tuple[Identity, str, int]:
+        comm, ppid, start_ticks = parse_stat(self._read(pid, "stat"))
+        return (pid, self.boot_time + start_ticks / self.ticks), comm, ppid
+
+    def _user(self, pid: int) -> str | None:
+        for line in self._read(pid, "status").splitlines():
+            if line.startswith("Uid:"):
+                uid = int(line.split()[1])
+                if uid not in self._users:
+                    try:
+                        self._users[uid] = pwd.getpwuid(uid).pw_name
+                    except KeyError:
+                        self._users[uid] = str(uid)
+                return self._users[uid]
+        return None
+
+    def _cgroup(self, pid: int) -> str | None:
+        try:
+            lines = self._read(pid, "cgroup").splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith("0::"):
+                return line[3:]
+        first = lines[0].split(":", 2) if lines else []
+        return first[2] if len(first) == 3 else None
+
+    def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
+        pid = identity[0]
+        try:
+            cmdline = tuple(a for a in self._read(pid, "cmdline").split("\0") if a)
+        except OSError:
+            cmdline = ()
+        try:
+            exe: str | None = os.readlink(f"{self.procfs}/{pid}/exe")
+        except OSError:
+            exe = None
+        name = comm
+        if len(comm) >= 15 and cmdline:  # comm is cut at 15 chars; psutil uses the full name then
+            base = os.path.basename(cmdline[0])
+            if base.startswith(comm):
+                name = base
+        try:
+            user = self._user(pid)
+        except OSError:
+            user = None
+        return ProcessInfo(pid=pid, ppid=ppid, name=name, started=identity[1], cmdline=cmdline,
+                           exe=exe, user=user, cgroup=self._cgroup(pid))
+
+    def list_processes(self) -> list[ProcessInfo]:
+        processes = []
+        details: dict[Identity, ProcessInfo] = {}
+        with os.scandir(self.procfs) as entries:
+            pids = [int(e.name) for e in entries if e.name.isdigit()]
+        for pid in pids:
+            try:
+                identity, comm, ppid = self._identity(pid)
+                info = self._details.get(identity)
+                if info is None:
+                    info = self._describe(identity, comm, ppid)
+                elif info.ppid != ppid:  # reparented (its parent exited)
+                    info = ProcessInfo(info.pid, ppid, info.name, info.started, info.cmdline,
+                                       info.exe, info.user, info.cgroup)
+            except (OSError, ValueError, IndexError):
+                continue  # vanished while listing, or unreadable: not listed
+            details[identity] = info
+            processes.append(info)
+        self._details = details
+        return processes
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _open_statm(self, identity: Identity) -> int:
+        """An fd on the identity's statm; raises ProcessLookupError if the pid is someone else."""
+        pid = identity[0]
+        fd = os.open(f"{self.procfs}/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if self._identity(pid)[0] != identity:
+                raise ProcessLookupError(errno.ESRCH, "pid reused")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _statm(self, identity: Identity) -> bytes:
+        fd = self._fds.get(identity)
+        if fd is not None:
+            return os.pread(fd, _STATM_BYTES, 0)
+        fd = self._open_statm(identity)
+        if len(self._fds) < self.max_open_fds:
+            self._fds[identity] = fd
+            return os.pread(fd, _STATM_BYTES, 0)
+        try:
+            return os.pread(fd, _STATM_BYTES, 0)
+        finally:
+            os.close(fd)
+
+    def _full(self, pid: int) -> dict[str, int]:
+        try:
+            return parse_rollup(self._read(pid, self._smaps_name))
+        except FileNotFoundError:
+            if self._smaps_name == "smaps" or not os.path.exists(f"{self.procfs}/{pid}"):
+                raise
+            self._smaps_name = "smaps"  # kernel < 4.14: no rollup anywhere
+            return parse_rollup(self._read(pid, "smaps"))
+
+    def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
+        results: list[SampleResult] = []
+        page = self.page_size
+        for identity in processes:
+            pid, started = identity
+            try:
+                values = self._statm(identity).split()
+                size, resident, shared, text, lib, data, dirty = (int(v) * page for v in values[:7])
+            except OSError as exc:
+                self.forget(identity)
+                if isinstance(exc, ProcessLookupError) or exc.errno in _GONE_ERRNOS:
+                    results.append(Gone(pid, started))
+                elif isinstance(exc, PermissionError):
+                    results.append(Failure(pid, started, "access_denied", f"statm: {exc.strerror}"))
+                else:
+                    results.append(Failure(pid, started, "read_error", f"statm: {exc.strerror or exc}"))
+                continue
+            except ValueError:
+                self.forget(identity)
+                results.append(Failure(pid, started, "read_error", "statm: malformed"))
+                continue
+            platform = {"shared": shared, "text": text, "lib": lib, "data": data, "dirty": dirty}
+            portable = {"rss": resident, "vms": size}
+            if not full:
+                results.append(Reading(pid, started, portable, platform))
+                continue
+            if size == 0:  # kernel thread or zombie: no address space, smaps fails with ESRCH
+                results.append(Reading(pid, started, portable, platform, {"uss": 0, "pss": 0, "swap": 0}))
+                continue
+            try:
+                results.append(Reading(pid, started, portable, platform, self._full(pid)))
+            except PermissionError as exc:
+                problem = (("full_denied", f"{self._smaps_name}: {exc.strerror}; uss/pss/swap need "
+                            "ptrace access (root, or the process's own user)"),)
+                results.append(Reading(pid, started, portable, platform, None, problem))
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    self.forget(identity)
+                    results.append(Gone(pid, started))
+                else:
+                    problem = (("full_unreadable", f"{self._smaps_name}: {exc.strerror or exc}"),)
+                    results.append(Reading(pid, started, portable, platform, None, problem))
+            except (ValueError, IndexError):
+                problem = (("full_unreadable", f"{self._smaps_name}: malformed"),)
+                results.append(Reading(pid, started, portable, platform, None, problem))
+        return results
+
+    def forget(self, identity: Identity) -> None:
+        fd = self._fds.pop(identity, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for identity in list(self._fds):
+            self.forget(identity)
+
+    @property
+    def open_fds(self) -> int:
+        """How many statm fds are held now."""
+        return len(self._fds)
