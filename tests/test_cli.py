@@ -38,7 +38,7 @@ def test_quickstart_once_prints_valid_contiguous_records(
     assert_contiguous(records)
     for record in records:
         validate_record(record)
-    own = [r for r in records if r["target"] == "memagent" and r["type"] == "sample"] if records else []
+    own = [r for r in records if r["type"] == "sample" and r["target"] == "memagent"]
     assert len(own) == 1 and own[0]["full"]["pss"] > 0
     assert records[-1]["type"] == "agent"
     assert records[0]["tags"] == {"env": "quickstart"}
@@ -116,7 +116,8 @@ def test_bad_config_exits_2_with_one_line(text: str, key: str, fragment: str,
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("memagent: error: ") and key in err and fragment in err
+    assert err.startswith("memagent: error: ") and fragment in err
+    assert key in err or key == "<config>"  # a TOML syntax error names the file instead
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [

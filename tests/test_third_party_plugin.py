@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,8 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """examples/plugin-csv-sink installed by pip into its own directory."""
     site = tmp_path_factory.mktemp("site")
-    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation,
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--target", str(site), str(REPO / "examples/plugin-csv-sink")],
                    check=True, capture_output=True, timeout=300)
     return site
