@@ -1,0 +1,133 @@
+"""The psutil backend: every OS's mapping (with fakes shaped like psutil's tuples) and real psutil."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fake_psutil import PFULLMEM, PMEM, PMEM_PSUTIL8, AccessDenied, FakePsutil, ZombieProcess, fill
+from memagent.contracts import Failure, Gone, Reading
+from memagent.plugins.backends.linux import LinuxBackend
+from memagent.plugins.backends.psutil import PLATFORM_FIELDS, PsutilBackend, map_full, map_memory, os_name
+
+SEED_TABLE = {  # shared/seed/README.md, verbatim
+    "linux": {"shared", "text", "lib", "data", "dirty"},
+    "darwin": {"pfaults", "pageins"},
+    "freebsd": {"text", "data", "stack"}, "openbsd": {"text", "data", "stack"},
+    "netbsd": {"text", "data", "stack"},
+    "sunos": set(), "aix": set(),
+    "windows": {"num_page_faults", "peak_wset", "wset", "peak_paged_pool", "paged_pool",
+                "peak_nonpaged_pool", "nonpaged_pool", "pagefile", "peak_pagefile", "private"},
+}
+
+
+def backend_for(os: str, module: FakePsutil) -> PsutilBackend:
+    cls: Any = type(f"PsutilBackend_{os}", (PsutilBackend,), {"os": os})
+    backend: PsutilBackend = cls(module)
+    return backend
+
+
+@pytest.mark.parametrize("os", sorted(SEED_TABLE))
+def test_platform_fields_are_exactly_the_seed_table(os: str) -> None:
+    """Each OS's platform dict has exactly the seed's fields, with psutil's values."""
+    pmem = fill(PMEM[os])
+    portable, platform = map_memory(os, pmem)
+    assert set(platform) == SEED_TABLE[os] == set(PLATFORM_FIELDS[os])
+    assert all(platform[f] == getattr(pmem, f) for f in platform)
+    if os == "windows":
+        assert portable == {"rss": pmem.wset, "vms": pmem.pagefile}
+    else:
+        assert portable == {"rss": pmem.rss, "vms": pmem.vms}
+
+
+@pytest.mark.parametrize("os", sorted(PMEM_PSUTIL8))
+def test_psutil8_tuples_omit_missing_fields_never_fake_them(os: str) -> None:
+    """psutil 8 drops fields; they are absent from platform, not zero."""
+    pmem = fill(PMEM_PSUTIL8[os])
+    _, platform = map_memory(os, pmem)
+    assert set(platform) == SEED_TABLE[os] & set(pmem._fields)
+    dropped = SEED_TABLE[os] - set(pmem._fields)
+    assert dropped and not dropped & set(platform)
+
+
+@pytest.mark.parametrize(("os", "expected"), [
+    ("linux", {"uss", "pss", "swap"}), ("darwin", {"uss"}), ("windows", {"uss"}),
+    ("freebsd", set()), ("sunos", set()), ("aix", set())])
+def test_full_maps_only_the_fields_that_exist(os: str, expected: set[str]) -> None:
+    """memory_full_info: uss/pss/swap where the OS has them, nothing invented elsewhere."""
+    assert set(map_full(fill(PFULLMEM[os]))) == expected
+
+
+@pytest.mark.parametrize(("platform", "expected"), [
+    ("linux", "linux"), ("darwin", "darwin"), ("win32", "windows"), ("freebsd14", "freebsd"),
+    ("openbsd7", "openbsd"), ("netbsd10", "netbsd"), ("sunos5", "sunos"), ("aix7", "aix")])
+def test_os_names(platform: str, expected: str) -> None:
+    """sys.platform values map to the schema's os names."""
+    assert os_name(platform) == expected
+
+
+def test_windows_backend_end_to_end_with_fakes() -> None:
+    """A Windows-shaped psutil: listing, identity, wset/pagefile as rss/vms, uss in full."""
+    fake = FakePsutil()
+    fake.add(4, fill(PMEM["windows"]), fill(PFULLMEM["windows"]), name="svchost.exe",
+             cmdline=["C:\\Windows\\svchost.exe", "-k"], username="NT AUTHORITY\\SYSTEM")
+    backend = backend_for("windows", fake)
+    [info] = backend.list_processes()
+    assert (info.pid, info.name, info.user, info.cgroup) == (4, "svchost.exe", "NT AUTHORITY\\SYSTEM", None)
+    [reading] = backend.sample([info.identity], full=True)
+    pmem = fill(PMEM["windows"])
+    assert isinstance(reading, Reading)
+    assert reading.portable == {"rss": pmem.wset, "vms": pmem.pagefile}
+    assert reading.full == {"uss": fill(PFULLMEM["windows"]).uss}
+
+
+def test_process_errors_become_results() -> None:
+    """Vanished → Gone, denied → access_denied Failure, zombie → zeros, denied full → problem."""
+    fake = FakePsutil()
+    fake.add(1, fill(PMEM["darwin"]), fill(PFULLMEM["darwin"]))
+    fake.add(2, fill(PMEM["darwin"]))
+    fake.add(3, None)
+    fake.table[3]["raise"] = AccessDenied(3)
+    fake.add(4, None)
+    fake.table[4]["raise"] = ZombieProcess(4)
+    fake.add(5, fill(PMEM["darwin"]))
+    fake.table[5]["raise_full"] = AccessDenied(5, msg="task_for_pid failed")
+    backend = backend_for("darwin", fake)
+    identities = [p.identity for p in backend.list_processes()]
+    del fake.table[2]
+    results = backend.sample(identities, full=True)
+    assert isinstance(results[0], Reading) and results[0].platform == {"pfaults": 1002, "pageins": 1003}
+    assert results[1] == Gone(*identities[1])
+    assert isinstance(results[2], Failure) and results[2].kind == "access_denied"
+    assert isinstance(results[3], Reading) and results[3].portable == {"rss": 0, "vms": 0}
+    assert isinstance(results[4], Reading) and results[4].full is None
+    assert results[4].problems[0][0] == "full_denied"
+
+
+def test_reused_pid_is_gone() -> None:
+    """A pid whose create_time changed is a different process: Gone for the old identity."""
+    fake = FakePsutil()
+    fake.add(7, fill(PMEM["freebsd"]))
+    backend = backend_for("freebsd", fake)
+    [info] = backend.list_processes()
+    fake.table[7]["create_time"] = 1_800_000_000.0
+    assert backend.sample([info.identity], full=False) == [Gone(*info.identity)]
+
+
+def test_forced_on_linux_agrees_with_the_native_backend() -> None:
+    """Real psutil on this machine: the same rss/vms/platform as the linux backend (± a page)."""
+    import os
+
+    native, via_psutil = LinuxBackend(), PsutilBackend()
+    me = os.getpid()
+    ours = next(p for p in native.list_processes() if p.pid == me)
+    theirs = next(p for p in via_psutil.list_processes() if p.pid == me)
+    for field in ("name", "cmdline", "exe", "user"):
+        assert getattr(ours, field) == getattr(theirs, field)
+    assert abs(ours.started - theirs.started) < 0.02
+    [a] = native.sample([ours.identity], full=False)
+    [b] = via_psutil.sample([theirs.identity], full=False)
+    assert isinstance(a, Reading) and isinstance(b, Reading)
+    assert set(a.platform) == set(b.platform) and via_psutil.os == "linux"
+    for key in ("rss", "vms"):
+        assert abs(a.portable[key] - b.portable[key]) <= 64 * 4096  # the interpreter moves between reads
