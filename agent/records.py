@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
 from memagent.contracts import ProcessInfo, Reading, Record
 
 SCHEMA_VERSION = 1
@@ -44,6 +45,7 @@ class RecordMaker:
         self.tags = dict(tags)
         self._seq = 0
         self._pid = os.getpid()
+        self._started_text: dict[float, str] = {}
 
     @property
     def last_seq(self) -> int:
@@ -60,9 +62,18 @@ class RecordMaker:
             fields["tags"] = self.tags
         return Record(self._seq, kind, target, pid, fields, orjson.dumps(fields))
 
+    def _started(self, started: float) -> str:
+        # formatting a time costs more than the rest of a record: once per process, not per sample
+        text = self._started_text.get(started)
+        if text is None:
+            if len(self._started_text) > 100_000:  # bounded: forget everything, rebuild lazily
+                self._started_text.clear()
+            text = self._started_text[started] = iso_utc(started, 2)
+        return text
+
     def _process(self, target: str, info: ProcessInfo) -> dict[str, Any]:
         return {"target": target, "pid": info.pid, "ppid": info.ppid, "name": info.name,
-                "started": iso_utc(info.started, 2), "os": self.os, "backend": self.backend}
+                "started": self._started(info.started), "os": self.os, "backend": self.backend}
 
     def sample(self, target: str, info: ProcessInfo, reading: Reading, ts: str) -> Record:
         """A ``sample`` record; ``ts`` is the tick's time from :func:`iso_utc`."""

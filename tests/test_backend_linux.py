@@ -11,11 +11,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cli_helpers import ps_rss_vsz, spawn_allocator, stop_child
+
 from memagent.contracts import Failure, Gone, Reading
 from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.backends.linux import LinuxBackend, parse_stat
+
+from cli_helpers import ps_rss_vsz, spawn_allocator, stop_child
 from procfs_fixture import FakeProc, build_procfs, started
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

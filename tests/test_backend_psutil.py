@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fake_psutil import PFULLMEM, PMEM, PMEM_PSUTIL8, AccessDenied, FakePsutil, ZombieProcess, fill
+
 from memagent.contracts import Failure, Gone, Reading
 from memagent.plugins.backends.linux import LinuxBackend
 from memagent.plugins.backends.psutil import PLATFORM_FIELDS, PsutilBackend, map_full, map_memory, os_name
+
+from fake_psutil import PFULLMEM, PMEM, PMEM_PSUTIL8, AccessDenied, FakePsutil, ZombieProcess, fill
 
 SEED_TABLE = {  # shared/seed/README.md, verbatim
     "linux": {"shared", "text", "lib", "data", "dirty"},

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from memagent.cli import main
+
 from bad_configs import BAD_CONFIGS
 from cli_helpers import (
     assert_contiguous,
@@ -23,7 +26,6 @@ from cli_helpers import (
     stop_child,
     wait_for,
 )
-from memagent.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = 4096

@@ -6,9 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from bad_configs import BAD_CONFIGS, MINIMAL
+
 from memagent.config import default_config_text, expand_variables, parse_config
 from memagent.errors import ConfigError
+
+from bad_configs import BAD_CONFIGS, MINIMAL
 
 
 def test_minimal_config_defaults_to_stdout_and_one_second() -> None:

@@ -7,6 +7,7 @@ import logging
 import time
 
 import pytest
+
 from memagent.contracts import Record
 from memagent.fanout import Fanout, Outlet
 from memagent.testing import RecordingSink, make_records

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+
 from memagent.config import TargetConfig
 from memagent.fanout import Fanout, Outlet
 from memagent.records import RecordMaker

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from cli_helpers import env_with, run_cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -60,17 +60,29 @@ def parse_stat(text: str) -> tuple[str, int, int]:
     return text[open_paren + 1:close_paren], int(fields[1]), int(fields[19])
 
 
-def parse_rollup(text: str) -> dict[str, int]:
+def parse_rollup(data: bytes) -> dict[str, int]:
     """uss / pss / swap in bytes from smaps_rollup (or smaps: the same lines, per mapping)."""
     uss = pss = swap = 0
-    for line in text.splitlines():
-        if line.startswith("Private_"):
+    for line in data.split(b"\n"):
+        if line.startswith(b"Private_"):
             uss += int(line.split()[1])
-        elif line.startswith("Pss:"):
+        elif line.startswith(b"Pss:"):
             pss += int(line.split()[1])
-        elif line.startswith("Swap:"):
+        elif line.startswith(b"Swap:"):
             swap += int(line.split()[1])
     return {"uss": uss * 1024, "pss": pss * 1024, "swap": swap * 1024}
+
+
+def read_whole(path: str) -> bytes:
+    """A procfs file's bytes with one open and as few reads as it takes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class LinuxBackend:
@@ -218,12 +230,12 @@ class LinuxBackend:
 
     def _full(self, pid: int) -> dict[str, int]:
         try:
-            return parse_rollup(self._read(pid, self._smaps_name))
+            return parse_rollup(read_whole(f"{self.procfs}/{pid}/{self._smaps_name}"))
         except FileNotFoundError:
             if self._smaps_name == "smaps" or not os.path.exists(f"{self.procfs}/{pid}"):
                 raise
             self._smaps_name = "smaps"  # kernel < 4.14: no rollup anywhere
-            return parse_rollup(self._read(pid, "smaps"))
+            return parse_rollup(read_whole(f"{self.procfs}/{pid}/smaps"))
 
     def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
         results: list[SampleResult] = []
@@ -231,8 +243,7 @@ class LinuxBackend:
         for identity in processes:
             pid, started = identity
             try:
-                values = self._statm(identity).split()
-                size, resident, shared, text, lib, data, dirty = (int(v) * page for v in values[:7])
+                size, resident, shared, text, lib, data, dirty = map(int, self._statm(identity).split()[:7])
             except OSError as exc:
                 self.forget(identity)
                 if isinstance(exc, ProcessLookupError) or exc.errno in _GONE_ERRNOS:
@@ -246,8 +257,9 @@ class LinuxBackend:
                 self.forget(identity)
                 results.append(Failure(pid, started, "read_error", "statm: malformed"))
                 continue
-            platform = {"shared": shared, "text": text, "lib": lib, "data": data, "dirty": dirty}
-            portable = {"rss": resident, "vms": size}
+            platform = {"shared": shared * page, "text": text * page, "lib": lib * page,
+                        "data": data * page, "dirty": dirty * page}
+            portable = {"rss": resident * page, "vms": size * page}
             if not full:
                 results.append(Reading(pid, started, portable, platform))
                 continue
