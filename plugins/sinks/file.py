@@ -1,0 +1,298 @@
+"""The ``file`` sink: NDJSON for log shippers (Fluent Bit, Vector, rsyslog imfile, Filebeat).
+
+Guarantees:
+
+- One record per line; one ``write`` call per batch (aiofiles, off the event loop), through an
+  ``O_APPEND`` descriptor, so the file never gets a sparse hole even when truncated under us.
+- Exactly once: a write that fails part-way is cut back (``ftruncate``) to where it began before
+  :class:`~memagent.errors.SinkError` is raised, so the framework's retry neither duplicates nor
+  leaves half a line. (Not possible on non-regular files such as ``/dev/full``.)
+- Built-in rotation (``rotate_size``, ``rotate_interval`` aligned to the clock) renames the live
+  file to a time-ordered archive and opens a new one between two batches: a tailer following by
+  name sees every line once. ``compress`` gzips archives in a worker thread; ``keep`` prunes.
+- External rotation: before each batch the path is checked. Renamed or deleted (logrotate
+  ``create``) → the file at the path is (re)opened, created if missing; SIGHUP does the same.
+  Truncated (logrotate ``copytruncate``) → noticed and counted; appending continues at the new end.
+- Files are created with ``mode`` (default 0640, exactly, whatever the umask), directories with
+  ``dir_mode`` (0750).
+- ``fsync``: ``never`` (the kernel writes back, ~30 s), ``batch`` (each batch is on disk before the
+  next is taken), ``interval`` (at most ``fsync_interval`` of writes at risk; the default). Close
+  always fsyncs, so on SIGTERM every record the agent produced is on disk before exit.
+- The path may use strftime fields and ``{host}``: ``/var/log/memagent/{host}-%Y-%m-%d.ndjson``
+  switches file when the rendered name changes.
+
+Not guaranteed: lines that logrotate's copytruncate loses itself, between its copy and its
+truncate (the agent cannot see them go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import aiofiles
+import aiofiles.os
+
+from memagent.contracts import Record, SinkContext
+from memagent.errors import ConfigError, SinkError
+from memagent.options import Options
+from memagent.plugins.sinks.file_rotation import archive_name, compress, next_boundary, prune
+
+log = logging.getLogger(__name__)
+
+FSYNC_MODES = ("never", "batch", "interval")
+
+
+def parse_mode(value: Any, key: str) -> int:
+    """A permission mode from an int (``0o640`` in TOML) or an octal string (``"0640"``)."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ConfigError(key, f'must be an octal mode like "0640", got "{value}"') from None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise ConfigError(key, f'must be an octal mode like "0640", got {value!r}')
+    return value
+
+
+class FileSink:
+    """Appends NDJSON lines to a file. See the module docstring."""
+
+    name: ClassVar[str] = "file"
+    sample_config: ClassVar[str] = """\
+[[sinks]]
+type = "file"
+path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
+# mode = "0640"              # new files; directories get dir_mode = "0750"
+# rotate_size = "100MB"      # rotate when the file would pass this size
+# rotate_interval = "1h"     # rotate on the clock: at every whole hour (UTC)
+# keep = 10                  # archives kept (memory.ndjson.2026-11-25T05-00-00.000000[.gz])
+# compress = false           # gzip archives (in a worker thread)
+# fsync = "interval"         # "never" | "batch" (each batch) | "interval" (every fsync_interval)
+# fsync_interval = "1s"
+"""
+
+    def __init__(self, *, path: str, context: SinkContext, mode: int = 0o640, dir_mode: int = 0o750,
+                 rotate_size: int | None = None, rotate_interval: float | None = None, keep: int = 10,
+                 compress: bool = False, fsync: str = "interval", fsync_interval: float = 1.0) -> None:
+        self.template = path
+        self.context = context
+        self.mode = mode
+        self.dir_mode = dir_mode
+        self.rotate_size = rotate_size
+        self.rotate_interval = rotate_interval
+        self.keep = keep
+        self.compress = compress
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.path = ""
+        self._file: Any = None
+        self._identity: tuple[int, int] | None = None
+        self._size = 0
+        self._boundary: float | None = None
+        self._last_fsync = time.monotonic()
+        self._dirty = False
+        self._housekeeping: set[asyncio.Task[None]] = set()
+        self._open_problem: str | None = None
+        for counter in ("bytes_written", "rotations", "reopens", "truncations", "write_errors"):
+            context.counters.setdefault(counter, 0)
+
+    @classmethod
+    def from_options(cls, options: Options, context: SinkContext) -> FileSink:
+        path = options.string("path", nonempty=True)
+        try:
+            path.format(host="h")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(options.key("path"), "only {host} may appear in braces") from None
+        sink = cls(
+            path=path,
+            context=context,
+            mode=parse_mode(options.raw("mode", 0o640), options.key("mode")),
+            dir_mode=parse_mode(options.raw("dir_mode", 0o750), options.key("dir_mode")),
+            rotate_size=options.size("rotate_size", None),
+            rotate_interval=options.duration("rotate_interval", None),
+            keep=options.integer("keep", 10, minimum=0),
+            compress=options.boolean("compress", False),
+            fsync=options.choice("fsync", FSYNC_MODES, "interval"),
+            fsync_interval=options.duration("fsync_interval", 1.0),
+        )
+        options.finish()
+        return sink
+
+    # -- paths and opening --------------------------------------------------------------------
+
+    def render_path(self, now: float | None = None) -> str:
+        """The live path now: strftime fields (local time, as logs are named) and ``{host}``."""
+        rendered = time.strftime(self.template, time.localtime(now)) if "%" in self.template else self.template
+        return rendered.replace("{host}", self.context.hostname)
+
+    async def _open(self, path: str) -> None:
+        directory = os.path.dirname(path)
+        if directory:
+            await aiofiles.os.makedirs(directory, mode=self.dir_mode, exist_ok=True)
+        created = not await aiofiles.os.path.exists(path)
+
+        def opener(name: str, flags: int) -> int:
+            return os.open(name, flags | os.O_CLOEXEC, self.mode)
+
+        handle = await aiofiles.open(path, "ab", buffering=0, opener=opener)
+        try:
+            stat = os.fstat(handle.fileno())
+            if created:
+                os.fchmod(handle.fileno(), self.mode)  # exactly the configured mode, whatever the umask
+        except OSError:
+            await handle.close()
+            raise
+        self._file, self.path = handle, path
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._size = stat.st_size
+        if self._open_problem is not None:
+            log.info("file sink %s: %s is writable again", self.context.name, path)
+            self._open_problem = None
+
+    async def _close_file(self) -> None:
+        handle, self._file = self._file, None
+        if handle is not None:
+            try:
+                if self._dirty and self.fsync != "never":
+                    await asyncio.to_thread(os.fsync, handle.fileno())
+            finally:
+                self._dirty = False
+                await handle.close()
+
+    async def start(self) -> None:
+        """Open the file. A path that cannot be opened yet is reported, not fatal: every batch
+        retries it (through the framework's backoff), and writing starts when it works."""
+        if self.rotate_interval:
+            self._boundary = next_boundary(time.time(), self.rotate_interval)
+        path = self.render_path()
+        try:
+            await self._open(path)
+        except OSError as exc:
+            self._open_problem = f"{path}: {exc.strerror or exc}"
+            self.context.report(f"file sink {self.context.name}: cannot open {self._open_problem}; "
+                                "records wait in its queue and the path is retried")
+
+    # -- before each batch: is the file at the path still ours? -----------------------------------
+
+    async def _follow_path(self) -> None:
+        path = self.render_path()
+        if self._file is None or path != self.path:
+            if self._file is not None:
+                await self._close_file()
+            await self._open(path)
+            return
+        try:
+            at_path = await aiofiles.os.stat(path)
+        except FileNotFoundError:
+            at_path = None
+        if at_path is None or (at_path.st_dev, at_path.st_ino) != self._identity:
+            # renamed away (logrotate create) or deleted: the rest goes to a file at the path
+            self.context.counters["reopens"] += 1
+            await self._close_file()
+            await self._open(path)
+            return
+        if at_path.st_size < self._size:
+            # truncated under us (copytruncate): O_APPEND already writes at the new end
+            self.context.counters["truncations"] += 1
+            log.info("file sink %s: %s was truncated (%d → %d bytes); appending at its new end",
+                     self.context.name, path, self._size, at_path.st_size)
+        self._size = at_path.st_size
+
+    async def _rotate_if_due(self, incoming: int) -> None:
+        now = time.time()
+        by_time = self._boundary is not None and now >= self._boundary
+        by_size = self.rotate_size is not None and self._size > 0 and self._size + incoming > self.rotate_size
+        if self._boundary is not None and by_time:
+            self._boundary = next_boundary(now, self.rotate_interval or 1.0)
+        if not (by_size or (by_time and self._size > 0)):
+            return
+        await self._close_file()
+        archive = archive_name(self.path, now)
+        await aiofiles.os.rename(self.path, archive)
+        self.context.counters["rotations"] += 1
+        await self._open(self.path)
+        task = asyncio.create_task(self._archive(archive))
+        self._housekeeping.add(task)
+        task.add_done_callback(self._housekeeping.discard)
+
+    async def _archive(self, archive: str) -> None:
+        try:
+            if self.compress:
+                await asyncio.to_thread(compress, archive, self.mode)
+            await asyncio.to_thread(prune, self.path, self.keep)
+        except OSError as exc:
+            self.context.counters["archive_errors"] = self.context.counters.get("archive_errors", 0) + 1
+            self.context.report(f"file sink {self.context.name}: archiving {archive} failed: "
+                                f"{exc.strerror or exc}; the uncompressed archive is kept")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def write(self, batch: Sequence[Record]) -> None:
+        data = b"\n".join(record.json for record in batch) + b"\n"
+        try:
+            await self._follow_path()
+            if self.rotate_size is not None or self._boundary is not None:
+                await self._rotate_if_due(len(data))
+            await self._write_all(data)
+        except OSError as exc:
+            self.context.counters["write_errors"] += 1
+            await self._forget_file()
+            raise SinkError(f"{self.path or self.render_path()}: {exc.strerror or exc}") from exc
+        self._size += len(data)
+        self.context.counters["bytes_written"] += len(data)
+        self._dirty = True
+        if self.fsync == "batch" or (self.fsync == "interval"
+                                     and time.monotonic() - self._last_fsync >= self.fsync_interval):
+            await asyncio.to_thread(os.fsync, self._file.fileno())
+            self._last_fsync = time.monotonic()
+            self._dirty = False
+
+    async def _write_all(self, data: bytes) -> None:
+        """One write call for the batch (more only if the kernel takes part of it); on failure the
+        partial tail is cut off so the retry writes the whole batch exactly once."""
+        handle = self._file
+        start = os.fstat(handle.fileno()).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                written = await handle.write(view)
+                if not written:
+                    raise OSError(errno.EIO, "write returned 0")
+                view = view[written:]
+        except OSError:
+            if len(view) < len(data):
+                try:
+                    os.ftruncate(handle.fileno(), start)
+                except OSError:
+                    pass  # not a regular file (/dev/full) or the disk refuses even that
+            raise
+
+    async def _forget_file(self) -> None:
+        """Drop the descriptor after an error so the retry reopens the path (it may be fixed)."""
+        handle, self._file = self._file, None
+        self._dirty = False
+        if handle is not None:
+            try:
+                await handle.close()
+            except OSError:
+                pass
+
+    async def reopen(self) -> None:
+        """SIGHUP: close and reopen the path (logrotate's postrotate)."""
+        self.context.counters["reopens"] += 1
+        await self._close_file()
+        await self._open(self.render_path())
+
+    async def close(self) -> None:
+        """fsync and close; wait for compression of the last archive."""
+        try:
+            await self._close_file()
+        finally:
+            if self._housekeeping:
+                await asyncio.gather(*self._housekeeping, return_exceptions=True)

@@ -1,0 +1,58 @@
+"""Helpers for file-sink tests: read back every record across live file and archives."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from memagent.plugins.sinks.file_rotation import archives_of
+
+
+def read_lines(path: Path) -> list[bytes]:
+    """Lines of a file, gunzipped if it ends in .gz. Every line must be whole."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends with a partial line"
+    return data.splitlines()
+
+
+def seqs_in_order(live: Path) -> list[int]:
+    """``seq`` of every record in the archives (oldest first) then the live file."""
+    files = [Path(p) for p in archives_of(str(live))] + ([live] if live.exists() else [])
+    return [orjson.loads(line)["seq"] for f in files for line in read_lines(f)]
+
+
+def seqs_anywhere(directory: Path) -> list[int]:
+    """``seq`` of every record in every file of ``directory`` (any order, duplicates kept)."""
+    seqs = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            seqs.extend(orjson.loads(line)["seq"] for line in read_lines(path) if line.strip())
+    return seqs
+
+
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str = "1m", readonly: bool = False) -> Iterator[Path]:
+    """A real tmpfs mounted at ``mountpoint`` (root only); unmounted afterwards."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if readonly else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], check=True,
+                   capture_output=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+def can_mount(tmp_path: Path) -> bool:
+    """Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN)."""
+    probe = tmp_path / "mount-probe"
+    try:
+        with tmpfs(probe):
+            return True
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return False
