@@ -28,6 +28,7 @@ truncate (the agent cannot see them go).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -128,7 +129,9 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
 
     def render_path(self, now: float | None = None) -> str:
         """The live path now: strftime fields (local time, as logs are named) and ``{host}``."""
-        rendered = time.strftime(self.template, time.localtime(now)) if "%" in self.template else self.template
+        rendered = self.template
+        if "%" in rendered:
+            rendered = time.strftime(rendered, time.localtime(now))
         return rendered.replace("{host}", self.context.hostname)
 
     async def _open(self, path: str) -> None:
@@ -267,10 +270,9 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
                 view = view[written:]
         except OSError:
             if len(view) < len(data):
-                try:
+                # not possible on a non-regular file (/dev/full) or when the disk refuses even that
+                with contextlib.suppress(OSError):
                     os.ftruncate(handle.fileno(), start)
-                except OSError:
-                    pass  # not a regular file (/dev/full) or the disk refuses even that
             raise
 
     async def _forget_file(self) -> None:
@@ -278,10 +280,8 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         handle, self._file = self._file, None
         self._dirty = False
         if handle is not None:
-            try:
+            with contextlib.suppress(OSError):
                 await handle.close()
-            except OSError:
-                pass
 
     async def reopen(self) -> None:
         """SIGHUP: close and reopen the path (logrotate's postrotate)."""

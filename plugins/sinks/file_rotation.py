@@ -8,6 +8,7 @@ worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -65,8 +66,6 @@ def prune(live_path: str, keep: int) -> list[str]:
     archives = archives_of(live_path)
     doomed = archives[:-keep] if keep > 0 else archives
     for path in doomed:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     return doomed
