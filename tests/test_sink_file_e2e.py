@@ -1,0 +1,190 @@
+"""The file sink end to end: the real CLI under load, real logrotate, real tailers, real disks."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cli_helpers import parse_records, start_agent, wait_for
+from filesink_helpers import can_mount, read_lines, seqs_anywhere, seqs_in_order, tmpfs
+
+HIGH_RATE = '[agent]\ninterval = "20ms"\nstats_interval = "500ms"\n[[targets]]\nname = "all"\nall = true\n'
+
+
+def stop(agent: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """SIGTERM, wait, and require a clean exit."""
+    agent.send_signal(signal.SIGTERM)
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err.decode()
+    return out, err
+
+
+def last_seq(live: Path) -> int:
+    """The seq of the agent's final record (the last line of the live file)."""
+    return int(orjson.loads(read_lines(live)[-1])["seq"])
+
+
+def grows(path: Path, lines: int) -> Callable[[], bool]:
+    return lambda: path.exists() and path.stat().st_size > lines * 300
+
+
+def test_dozens_of_rotations_lose_and_repeat_nothing(tmp_path: Path,
+                                                     write_config: Callable[[str], Path]) -> None:
+    """High rate, tiny rotate_size: every seq of the run appears once, in order, across archives."""
+    live = tmp_path / "logs" / "memory.ndjson"
+    config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\nrotate_size = "40KB"\n'
+                          'keep = 10000\ncompress = true\nfsync = "never"\n')
+    agent = start_agent(config)
+    time.sleep(3)
+    _, err = stop(agent)
+    seqs = seqs_in_order(live)
+    rotations = len(list(live.parent.glob("memory.ndjson.*.gz")))
+    print(f"\n{len(seqs)} records in {rotations} archives + live file ({len(seqs) / 3:.0f} records/s)")
+    assert seqs == list(range(1, last_seq(live) + 1))
+    assert rotations >= 24
+
+
+@pytest.mark.parametrize("mode", ["create+SIGHUP", "create", "copytruncate"])
+def test_real_logrotate_during_a_run(mode: str, tmp_path: Path, write_config: Callable[[str], Path]) -> None:
+    """logrotate rotates the live file 10 times under load: create mode loses and repeats nothing
+    (with or without SIGHUP); copytruncate repeats nothing and loses only its own copy window."""
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    logs = tmp_path / "logs"
+    live = logs / "memory.ndjson"
+    config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\nfsync = "never"\n')
+    agent = start_agent(config)
+    directive = "copytruncate" if mode == "copytruncate" else "create 0640"
+    postrotate = (f"    postrotate\n        kill -HUP {agent.pid}\n    endscript\n"
+                  if mode == "create+SIGHUP" else "")
+    rotate_conf = tmp_path / "logrotate.conf"
+    rotate_conf.write_text(f"{live} {{\n    rotate 1000\n    {directive}\n    missingok\n    nocompress\n"
+                           f"{postrotate}}}\n")
+    try:
+        wait_for(grows(live, 50))
+        for _ in range(10):
+            subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(rotate_conf)],
+                           check=True, capture_output=True)
+            time.sleep(0.15)
+    finally:
+        stop(agent)
+    seqs = seqs_anywhere(logs)
+    counts = Counter(seqs)
+    final = last_seq(live)
+    missing = sorted(set(range(1, final + 1)) - set(counts))
+    rotated = len(list(logs.glob("memory.ndjson.*")))
+    print(f"\nlogrotate {mode}: {rotated} rotations, {final} records, {len(missing)} lost")
+    assert rotated == 10
+    assert max(counts.values()) == 1, "a record was written twice"
+    if mode == "copytruncate":
+        assert len(missing) <= final * 0.05  # only what logrotate loses between its copy and truncate
+    else:
+        assert missing == []
+
+
+def test_tail_F_and_rsyslog_imfile_receive_every_record(tmp_path: Path,
+                                                        write_config: Callable[[str], Path]) -> None:
+    """Two real tailers following by name see every line exactly once across built-in rotations."""
+    live = tmp_path / "memory.ndjson"
+    tail_out = tmp_path / "tail.out"
+    rsyslog_out = tmp_path / "rsyslog.out"
+    conf = tmp_path / "rsyslog.conf"
+    (tmp_path / "rsyslog-work").mkdir()
+    conf.write_text(
+        'module(load="imfile" mode="inotify")\n'
+        f'global(workDirectory="{tmp_path / "rsyslog-work"}")\n'
+        'template(name="raw" type="string" string="%rawmsg%\\n")\n'
+        f'ruleset(name="out") {{ action(type="omfile" file="{rsyslog_out}" template="raw") }}\n'
+        f'input(type="imfile" File="{live}" Tag="memagent" ruleset="out")\n')
+    rsyslogd = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+    config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "all"\nall = true\n'
+                          f'[[sinks]]\ntype = "file"\npath = "{live}"\nrotate_size = "200KB"\nkeep = 1000\n')
+    agent = start_agent(config)
+    wait_for(live.exists)
+    tailers = [subprocess.Popen(["tail", "-n", "+1", "-F", str(live)], stdout=tail_out.open("wb"),
+                                stderr=subprocess.DEVNULL),
+               subprocess.Popen([rsyslogd, "-n", "-f", str(conf), "-i", str(tmp_path / "rsyslog.pid")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("memory.ndjson.*"))) >= 4, timeout=60)
+        stop(agent)
+        final = last_seq(live)
+        expected = list(range(1, final + 1))
+
+        def delivered(path: Path) -> list[int]:
+            return [orjson.loads(line)["seq"] for line in path.read_bytes().splitlines() if line.strip()]
+
+        wait_for(lambda: delivered(tail_out)[-1:] == [final] and delivered(rsyslog_out)[-1:] == [final],
+                 timeout=30)
+    finally:
+        for tailer in tailers:
+            tailer.terminate()
+            tailer.wait(timeout=10)
+    rotations = len(list(tmp_path.glob("memory.ndjson.*")))
+    print(f"\n{final} records across {rotations} rotations: tail -F and rsyslog imfile got all")
+    assert rotations >= 4
+    assert delivered(tail_out) == expected
+    assert delivered(rsyslog_out) == expected
+
+
+def test_dev_full_counts_drops_and_spares_stdout(write_config: Callable[[str], Path]) -> None:
+    """/dev/full: one error line, counted drops in agent records, stdout gets every record."""
+    config = write_config('[agent]\ninterval = "20ms"\nstats_interval = "300ms"\ndrain_timeout = "1s"\n'
+                          '[[targets]]\nname = "me"\nself = true\n'
+                          '[[sinks]]\ntype = "file"\npath = "/dev/full"\nqueue = 20\n'
+                          '[[sinks]]\ntype = "stdout"\n')
+    agent = start_agent(config)
+    time.sleep(2)
+    out, err = stop(agent)
+    records = parse_records(out.decode())
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # stdout: nothing lost
+    final = records[-1]["agent"]["sinks"]["file"]
+    assert final["dropped"] > 0 and final["failures"] > 0 and final["written"] == 0
+    # every record accounted for: dropped or still queued, but for the final record itself
+    assert final["dropped"] + final["queued"] == records[-1]["seq"] - 1
+    errors = [line for line in err.decode().splitlines() if "write failed" in line]
+    assert errors == ["memagent ERROR: sink file: write failed: /dev/full: No space left on device; "
+                      "retrying with backoff, records wait in its queue (when_full=drop_oldest)"]
+    assert "Traceback" not in err.decode()
+
+
+def test_read_only_directory_recovers_when_writable(tmp_path: Path,
+                                                    write_config: Callable[[str], Path]) -> None:
+    """A read-only mount: reported, retried; once remounted read-write the queued records land."""
+    if not can_mount(tmp_path):
+        pytest.skip("needs root to mount a tmpfs")
+    with tmpfs(tmp_path / "ro", readonly=True) as disk:
+        live = disk / "memory.ndjson"
+        config = write_config('[agent]\ninterval = "50ms"\n[[targets]]\nname = "me"\nself = true\n'
+                              f'[[sinks]]\ntype = "file"\npath = "{live}"\n')
+        agent = start_agent(config)
+        time.sleep(1)
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        wait_for(lambda: live.exists() and live.stat().st_size > 0, timeout=20)
+        _, err = stop(agent)
+        seqs = seqs_in_order(live)
+    text = err.decode()
+    assert seqs == list(range(1, seqs[-1] + 1))  # the queue held everything during the outage
+    assert text.count("Read-only file system") == 2  # the failed open at start, the failed write
+    assert "writing again" in text and "Traceback" not in text
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path: Path, write_config: Callable[[str], Path]) -> None:
+    """SIGTERM at a high rate: the file ends with the final agent record and holds seq 1..N."""
+    live = tmp_path / "memory.ndjson"
+    config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\n')
+    agent = start_agent(config)
+    wait_for(grows(live, 2000))
+    stop(agent)
+    lines = read_lines(live)
+    last = orjson.loads(lines[-1])
+    assert last["type"] == "agent" and last["agent"]["sinks"]["file"]["dropped"] == 0
+    assert [orjson.loads(line)["seq"] for line in lines] == list(range(1, last["seq"] + 1))
+    print(f"\nSIGTERM under load: {last['seq']} records produced, {len(lines)} on disk")
