@@ -254,3 +254,10 @@ def test_agent_records_come_every_stats_interval(write_config: Callable[[str], P
     last = agents[-1]["agent"]
     assert last["processes"] == 1 and last["ticks"] >= 9
     assert last["sinks"]["stdout"]["written"] >= last["records"] - len(agents)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("*.toml")))
+def test_every_example_config_checks(example: str) -> None:
+    """Each config in examples/ passes `memagent check` (container.toml with HOST_PROC=/proc)."""
+    result = run_cli("check", str(REPO / "examples" / example), env=env_with(HOST_PROC="/proc"))
+    assert result.returncode == 0, result.stderr
