@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="memagent %(levelname)s: %(message)s", force=True)
+        if args.log_level != "debug":  # one line per connection is noise for a feed with many clients
+            logging.getLogger("websockets").setLevel(logging.WARNING)
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         return _fail(exc, EXIT_USAGE, debug)

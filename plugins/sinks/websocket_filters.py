@@ -1,0 +1,121 @@
+"""Per-client subscriptions of the WebSocket feed: which records, which fields, from where.
+
+A subscription comes from the query string (``?target=api&type=sample&fields=portable``) or from a
+JSON message (``{"target": ["api"], "pid": [42], "type": ["sample"], "fields": ["portable"],
+"since": 1200}``). Lists in the query string are comma-separated. Anything malformed raises
+:class:`BadFilter`, whose message is fit to send as a close reason (<= 123 bytes).
+
+Projection keeps the named top-level fields plus ``seq`` and ``type``, so a client can always
+detect loss and tell records apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+
+from memagent.contracts import Record
+
+RECORD_TYPES = frozenset({"sample", "start", "exit", "error", "agent"})
+FILTER_KEYS = ("target", "pid", "type", "fields", "since")
+ALWAYS_KEPT = ("seq", "type")
+
+
+class BadFilter(ValueError):
+    """A subscription that cannot be honoured; the message is the close reason."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """What one client wants. None means "no restriction"."""
+
+    targets: frozenset[str] | None = None
+    pids: frozenset[int] | None = None
+    types: frozenset[str] | None = None
+    fields: tuple[str, ...] | None = None
+    since: int | None = None
+
+    def wants(self, record: Record) -> bool:
+        if self.types is not None and record.type not in self.types:
+            return False
+        if self.targets is not None and record.target not in self.targets:
+            return False
+        return self.pids is None or record.pid in self.pids
+
+    def encode(self, record: Record) -> bytes:
+        """The record as JSON for this client: the shared bytes unless a projection applies."""
+        if self.fields is None:
+            return record.json
+        fields = record.fields
+        return orjson.dumps({k: fields[k] for k in (*ALWAYS_KEPT, *self.fields) if k in fields})
+
+
+def _strings(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise BadFilter(f"{key}: expected a list of names")
+    return value
+
+
+def _ints(key: str, value: Any) -> list[int]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise BadFilter(f"{key}: expected a list of integers")
+    try:
+        return [int(v) for v in items if not isinstance(v, bool)]
+    except (TypeError, ValueError):
+        raise BadFilter(f"{key}: expected a list of integers") from None
+
+
+def subscription(raw: Mapping[str, Any]) -> Subscription:
+    """Validate a filter mapping (from a query string or a JSON message)."""
+    unknown = sorted(set(raw) - set(FILTER_KEYS) - {"token"})
+    if unknown:
+        raise BadFilter(f"unknown filter {unknown[0]!r}; use {', '.join(FILTER_KEYS)}")
+    types = _strings("type", raw["type"]) if "type" in raw else None
+    if types is not None and not set(types) <= RECORD_TYPES:
+        bad = sorted(set(types) - RECORD_TYPES)[0]
+        raise BadFilter(f"type: unknown record type {bad!r}")
+    since = None
+    if "since" in raw:
+        values = _ints("since", [raw["since"]] if not isinstance(raw["since"], (str, list)) else raw["since"])
+        if len(values) != 1 or values[0] < 0:
+            raise BadFilter("since: expected one sequence number >= 0")
+        since = values[0]
+    return Subscription(
+        targets=frozenset(_strings("target", raw["target"])) if "target" in raw else None,
+        pids=frozenset(_ints("pid", raw["pid"])) if "pid" in raw else None,
+        types=frozenset(types) if types is not None else None,
+        fields=tuple(_strings("fields", raw["fields"])) if "fields" in raw else None,
+        since=since,
+    )
+
+
+def from_query(query: str) -> Subscription:
+    """A subscription from a URL query string (repeated keys are joined with commas)."""
+    try:
+        parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
+    except ValueError as exc:
+        raise BadFilter(f"bad query string: {exc}") from None
+    return subscription({k: ",".join(v) for k, v in parsed.items()})
+
+
+def from_message(message: str | bytes) -> Subscription:
+    """A subscription from a client's JSON message."""
+    try:
+        raw = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        raise BadFilter("messages must be JSON filter objects") from None
+    if not isinstance(raw, dict):
+        raise BadFilter("messages must be JSON filter objects")
+    return subscription(raw)
+
+
+def joined(parts: Iterable[bytes]) -> bytes:
+    """A JSON array of already-encoded records (``batch = true``)."""
+    return b"[" + b",".join(parts) + b"]"
