@@ -138,7 +138,8 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         if not path.startswith("/") or path in ("/healthz", "/dashboard"):
             raise ConfigError(options.key("path"), f'must start with "/" and not be /healthz or /dashboard, '
                                                    f'got "{path}"')
-        cert, key = options.string("tls_cert", None, nonempty=True), options.string("tls_key", None, nonempty=True)
+        cert = options.string("tls_cert", None, nonempty=True)
+        key = options.string("tls_key", None, nonempty=True)
         tls = None
         if (cert is None) != (key is None):
             raise ConfigError(options.key("tls_cert" if cert is None else "tls_key"),
