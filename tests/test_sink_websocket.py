@@ -1,0 +1,280 @@
+"""The WebSocket sink with real clients on loopback: delivery, filters, security, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from memagent.errors import ConfigError
+from memagent.options import Options
+from memagent.plugins.sinks.websocket import WebSocketSink
+from memagent.records import RecordMaker
+from memagent.testing import make_records, sink_context
+
+from ws_helpers import connect, connected, receive, running_sink, self_signed_cert, stalled_client, url
+
+
+async def test_client_receives_every_record_in_order() -> None:
+    """A connected client gets each record once, as the shared JSON text, in seq order."""
+    async with running_sink() as sink, connect(url(sink)) as client:
+        await connected(sink, 1)
+        records = make_records(200)
+        for start in range(0, 200, 50):
+            await sink.write(records[start:start + 50])
+        got = await receive(client, 200)
+    assert [m["seq"] for m in got] == list(range(1, 201))
+    assert got[0] == json.loads(records[0].json)
+
+
+async def test_filters_by_target_pid_type_and_projection() -> None:
+    """Query filters pick target, pid and type; fields= keeps only those (plus seq and type)."""
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    api = make_records(5, target="api", pid=10, maker=maker)
+    db = make_records(5, target="db", pid=20, maker=maker)
+    async with running_sink() as sink, \
+            connect(url(sink, "target=api&type=sample&fields=portable")) as only_api, \
+            connect(url(sink, "pid=20")) as only_db:
+        await connected(sink, 2)
+        await sink.write([*api, *db])
+        got_api, got_db = await receive(only_api, 5), await receive(only_db, 5)
+    assert [m["seq"] for m in got_api] == [r.seq for r in api]
+    assert set(got_api[0]) == {"seq", "type", "portable"}
+    assert {m["pid"] for m in got_db} == {20}
+
+
+async def test_filter_message_changes_the_subscription() -> None:
+    """A JSON filter message from the client applies to the records that follow."""
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    async with running_sink() as sink, connect(url(sink)) as client:
+        await connected(sink, 1)
+        await client.send(json.dumps({"target": ["db"]}))
+        await asyncio.sleep(0.1)
+        await sink.write(make_records(3, target="api", maker=maker) + make_records(2, target="db", maker=maker))
+        got = await receive(client, 2)
+    assert [m["target"] for m in got] == ["db", "db"]
+
+
+@pytest.mark.parametrize(("query", "message", "reason"), [
+    ("type=nonsense", None, "type: unknown record type 'nonsense'"),
+    ("colour=red", None, "unknown filter 'colour'; use target, pid, type, fields, since"),
+    ("pid=abc", None, "pid: expected a list of integers"),
+    ("", "this is not json", "messages must be JSON filter objects"),
+    ("", "[1, 2]", "messages must be JSON filter objects"),
+])
+async def test_bad_filters_close_with_1008_and_server_carries_on(query: str, message: str | None,
+                                                                 reason: str) -> None:
+    """Garbage filters close that client with 1008 and a reason; another client is unaffected."""
+    async with running_sink() as sink, connect(url(sink)) as good:
+        async with connect(url(sink, query)) as bad:
+            if message is not None:
+                await bad.send(message)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(bad.recv(), 5)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, reason)
+        await connected(sink, 1)
+        await sink.write(make_records(3))
+        assert len(await receive(good, 3)) == 3
+        assert sink.context.counters["bad_filters"] == 1
+
+
+async def test_oversized_message_closes_with_1009() -> None:
+    """A client message above max_size is refused with 1009 (message too big)."""
+    async with running_sink(max_size=256) as sink, connect(url(sink)) as client:
+        await client.send("x" * 10_000)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(client.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_token_is_required_by_header_or_query() -> None:
+    """Wrong or missing token → 401; Bearer header or ?token= → connected."""
+    async with running_sink(token="s3cret") as sink:
+        for bad in ({}, {"Authorization": "Bearer nope"}):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url(sink), additional_headers=bad):
+                    pass
+            assert refused.value.response.status_code == 401
+        async with connect(url(sink), additional_headers={"Authorization": "Bearer s3cret"}):
+            pass
+        async with connect(url(sink, "token=s3cret")):
+            pass
+        assert sink.context.counters["rejected_auth"] == 2
+
+
+async def test_disallowed_origin_gets_403() -> None:
+    """With an origins allow-list a browser from elsewhere is refused; a listed origin is not."""
+    async with running_sink(origins=["https://dash.example"]) as sink:
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url(sink), origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+        async with connect(url(sink), origin="https://dash.example"):  # type: ignore[arg-type]
+            pass
+
+
+async def test_max_clients_gives_503() -> None:
+    """Past max_clients new connections are refused with 503."""
+    async with running_sink(max_clients=2) as sink, connect(url(sink)), connect(url(sink)):
+        await connected(sink, 2)
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url(sink)):
+                pass
+        assert refused.value.response.status_code == 503
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    """wss:// works with tls_cert/tls_key; the client trusts the test's own certificate."""
+    cert, key = self_signed_cert(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    async with running_sink(tls_cert=str(cert), tls_key=str(key)) as sink, \
+            connect(url(sink, scheme="wss"), ssl=trust) as client:
+        await connected(sink, 1)
+        await sink.write(make_records(2))
+        assert len(await receive(client, 2)) == 2
+
+
+async def test_healthz_reports_clients_sent_dropped() -> None:
+    """GET /healthz answers JSON without a token or handshake."""
+    async with running_sink(token="s3cret") as sink, connect(url(sink, "token=s3cret")) as client:
+        await connected(sink, 1)
+        await sink.write(make_records(4))
+        await receive(client, 4)
+        health = json.loads(await asyncio.to_thread(http_get, f"http://127.0.0.1:{sink.port}/healthz"))
+    assert health == {"status": "ok", "clients": 1, "sent": 4, "dropped": 0, "replay": 4}
+
+
+def http_get(address: str) -> bytes:
+    with urllib.request.urlopen(address, timeout=5) as response:
+        body: bytes = response.read()
+        return body
+
+
+async def test_unknown_path_is_404() -> None:
+    """Only the feed path, /healthz and /dashboard exist."""
+    async with running_sink(path="/feed") as sink:
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            await asyncio.to_thread(http_get, f"http://127.0.0.1:{sink.port}/other")
+        missing.value.close()
+        assert missing.value.code == 404
+
+
+async def test_reconnect_with_since_gets_exactly_what_was_missed() -> None:
+    """?since=N replays the buffered records after N, then continues live, no gap, no repeat."""
+    records = make_records(300)
+    async with running_sink(replay=500) as sink:
+        async with connect(url(sink)) as first:
+            await connected(sink, 1)
+            await sink.write(records[:100])
+            seen = await receive(first, 100)
+        await sink.write(records[100:250])  # missed while disconnected
+        async with connect(url(sink, f"since={seen[-1]['seq']}")) as second:
+            await connected(sink, 1)
+            await sink.write(records[250:])
+            rest = await receive(second, 200)
+    assert [m["seq"] for m in seen + rest] == list(range(1, 301))
+
+
+async def test_since_older_than_the_buffer_says_gap() -> None:
+    """When the replay buffer no longer holds what was missed, a gap message says which seqs."""
+    async with running_sink(replay=50) as sink:
+        await sink.write(make_records(200))
+        async with connect(url(sink, "since=10")) as client:
+            got = await receive(client, 51)
+    assert got[0] == {"type": "gap", "from": 11, "to": 150}
+    assert [m["seq"] for m in got[1:]] == list(range(151, 201))
+
+
+async def test_batch_mode_sends_arrays() -> None:
+    """batch = true: one message per write, a JSON array of records."""
+    async with running_sink(batch=True) as sink, connect(url(sink)) as client:
+        await connected(sink, 1)
+        await sink.write(make_records(10))
+        message = json.loads(await asyncio.wait_for(client.recv(), 5))
+    assert isinstance(message, list) and [m["seq"] for m in message] == list(range(1, 11))
+
+
+async def test_stalled_client_loses_oldest_is_told_then_closed_and_others_get_everything() -> None:
+    """A client that stops reading: its oldest records are dropped and counted, then it is closed
+    (1013); a healthy client receives every record meanwhile and write() never waits."""
+    total = 30_000  # ~13 MB: more than the kernel's socket buffers can absorb for the stalled one
+    records = make_records(total)
+    async with running_sink(client_queue=500, disconnect_after=2000, batch=True) as sink, \
+            connect(url(sink)) as healthy:
+        stalled = await asyncio.to_thread(stalled_client, sink.port)
+        await connected(sink, 2)
+        reader = asyncio.create_task(receive(healthy, total, timeout=20))
+        slowest_write = 0.0
+        for start in range(0, total, 100):
+            began = time.perf_counter()
+            await sink.write(records[start:start + 100])
+            slowest_write = max(slowest_write, time.perf_counter() - began)
+            await asyncio.sleep(0.001)
+        healthy_got = await reader
+        print(f"\nslowest write() with a stalled client: {slowest_write * 1e3:.2f} ms; "
+              f"client drops {sink.context.counters['client_drops']}")
+        assert sink.context.counters["disconnected_slow"] == 1
+        assert len(sink.clients) == 1
+        stalled.close()
+    assert [m["seq"] for m in healthy_got] == list(range(1, total + 1))
+    assert sink.context.counters["client_drops"] > 2000
+
+
+async def test_lagging_client_is_told_how_many_it_lost() -> None:
+    """A client whose queue overflowed gets a lag message with the count before its next record."""
+    async with running_sink(client_queue=10) as sink, connect(url(sink)) as client:
+        await connected(sink, 1)
+        [only] = sink.clients
+        only.ready.set = lambda: None  # type: ignore[method-assign]  # hold its sender asleep ...
+        await sink.write(make_records(25))  # ... while 25 records meet a queue of 10
+        del only.ready.set
+        only.ready.set()
+        got = await receive(client, 11)
+    assert got[0] == {"type": "lag", "dropped": 15, "total_dropped": 15}
+    assert [m["seq"] for m in got[1:]] == list(range(16, 26))
+
+
+async def test_thousand_connect_disconnect_cycles_leak_no_tasks_or_fds() -> None:
+    """1,000 clients come and go: open fds and running tasks return to where they were."""
+    async with running_sink() as sink:
+        async with connect(url(sink)):
+            pass  # warm up lazily created objects
+        await asyncio.sleep(0.1)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        tasks_before = len(asyncio.all_tasks())
+        for _ in range(1000):
+            async with connect(url(sink)):
+                pass
+        for _ in range(200):
+            if not sink.clients and len(asyncio.all_tasks()) <= tasks_before:
+                break
+            await asyncio.sleep(0.01)
+        fds_after = len(os.listdir("/proc/self/fd"))
+        tasks_after = len(asyncio.all_tasks())
+        assert sink.context.counters["connections"] == 1001
+    assert fds_after <= fds_before + 2 and tasks_after <= tasks_before
+    assert sink.clients == set()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"port": 70000}, "sinks[1].port: must be at most 65535"),
+    ({"path": "healthz"}, 'sinks[1].path: must start with "/"'),
+    ({"tls_cert": "/nonexistent.pem"}, "sinks[1].tls_key: tls_cert and tls_key go together"),
+    ({"tokn": "x"}, "sinks[1].tokn: unknown key; did you mean token?"),
+    ({"client_queue": 0}, "sinks[1].client_queue: must be at least 1"),
+])
+def test_bad_options_name_the_key(options: dict[str, object], message: str) -> None:
+    """Bad websocket options are ConfigErrors starting with the dotted key."""
+    with pytest.raises(ConfigError) as caught:
+        WebSocketSink.from_options(Options(dict(options), "sinks[1]"), sink_context())
+    assert str(caught.value).startswith(message)
+

@@ -1,0 +1,82 @@
+"""Helpers for WebSocket sink tests: a started sink on a free loopback port, clients, receiving."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from memagent.options import Options
+from memagent.plugins.sinks.websocket import WebSocketSink
+from memagent.testing import sink_context
+
+
+@asynccontextmanager
+async def running_sink(**options: Any) -> AsyncIterator[WebSocketSink]:
+    """A started websocket sink on 127.0.0.1, port 0 unless given; closed afterwards."""
+    options.setdefault("port", 0)
+    sink = WebSocketSink.from_options(Options(options, "sinks[1]"), sink_context("websocket"))
+    await sink.start()
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
+def url(sink: WebSocketSink, query: str = "", scheme: str = "ws") -> str:
+    return f"{scheme}://127.0.0.1:{sink.port}{sink.path}" + (f"?{query}" if query else "")
+
+
+async def receive(client: ClientConnection, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """The next ``count`` messages, decoded (arrays are flattened)."""
+    messages: list[dict[str, Any]] = []
+    while len(messages) < count:
+        data = orjson.loads(await asyncio.wait_for(client.recv(), timeout))
+        messages.extend(data if isinstance(data, list) else [data])
+    return messages
+
+
+async def connected(sink: WebSocketSink, clients: int) -> None:
+    """Wait until the sink has registered ``clients`` clients."""
+    for _ in range(1000):
+        if len(sink.clients) >= clients:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"only {len(sink.clients)} of {clients} clients connected")
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1, made with the openssl command."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+__all__ = ["connect", "connected", "receive", "running_sink", "self_signed_cert", "stalled_client", "url"]
+
+
+def stalled_client(port: int, path: str = "/") -> socket.socket:
+    """A real client that completes the WebSocket handshake and then never reads: a tiny receive
+    buffer, so the server's writes back up as they would behind a stuck browser tab."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)  # byte by byte: read the handshake and nothing after it
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
