@@ -57,8 +57,11 @@ async def test_filter_message_changes_the_subscription() -> None:
     async with running_sink() as sink, connect(url(sink)) as client:
         await connected(sink, 1)
         await client.send(json.dumps({"target": ["db"]}))
-        await asyncio.sleep(0.1)
-        await sink.write(make_records(3, target="api", maker=maker) + make_records(2, target="db", maker=maker))
+        [server_side] = sink.clients
+        while server_side.subscription.targets != {"db"}:
+            await asyncio.sleep(0.005)
+        api, db = make_records(3, target="api", maker=maker), make_records(2, target="db", maker=maker)
+        await sink.write(api + db)
         got = await receive(client, 2)
     assert [m["target"] for m in got] == ["db", "db"]
 
