@@ -22,6 +22,7 @@ from memagent.runtime import build, run_until_signalled
 log = logging.getLogger("memagent")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,20 +33,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="memagent", description="Samples process memory and streams JSON records.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+    common = _Parser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="stderr log level; debug also shows tracebacks (default: info)")
+    parser = _Parser(prog="memagent", description="Samples process memory and streams JSON records.",
+                     parents=[common])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser("run", help="run the agent (no CONFIG: all processes, 1 s, stdout)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        # --log-level is accepted before or after the command name
+        return commands.add_parser(name, help=help, parents=[common])
+
+    run = command("run", "run the agent (no CONFIG: all processes, 1 s, stdout)")
     run.add_argument("config", nargs="?", help="TOML config file")
     run.add_argument("--once", action="store_true", help="sample every target once, then exit")
     run.add_argument("--duration", type=_positive_seconds, metavar="SECONDS",
                      help="stop gracefully after this many seconds")
-    check = commands.add_parser("check", help="validate a config and the plugins it names")
+    check = command("check", "validate a config and the plugins it names")
     check.add_argument("config", help="TOML config file")
-    commands.add_parser("plugins", help="list installed backends and sinks")
-    commands.add_parser("schema", help="print the record JSON Schema (v1)")
-    commands.add_parser("sample-config", help="print a commented example config")
+    command("plugins", "list installed backends and sinks")
+    command("schema", "print the record JSON Schema (v1)")
+    command("sample-config", "print a commented example config")
     return parser
 
 
@@ -124,9 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "debug" in argv
     try:
         args = _parser().parse_args(argv)
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+        level = getattr(args, "log_level", "info")
+        logging.basicConfig(level=level.upper(), stream=sys.stderr,
                             format="memagent %(levelname)s: %(message)s", force=True)
-        if args.log_level != "debug":  # one line per connection is noise for a feed with many clients
+        if level != "debug":  # one line per connection is noise for a feed with many clients
             logging.getLogger("websockets").setLevel(logging.WARNING)
         return COMMANDS[args.command](args)
     except ConfigError as exc:

@@ -57,6 +57,21 @@ CLOSE_POLICY = 1008  # bad filter or message
 CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
 
 
+class RedactSecret(logging.Filter):
+    """Replaces a secret in log messages: websockets logs request lines and headers at debug
+    level, and those carry the token (``Authorization`` or ``?token=``)."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = message.replace(self.secret, "<redacted>"), ()
+        return True
+
+
 class Client:
     """One connected client: its subscription, its bounded queue and its sender task."""
 
@@ -176,8 +191,12 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
     async def start(self) -> None:
         page = resources.files("memagent.plugins.sinks").joinpath("static/dashboard.html").read_text("utf-8")
         self._dashboard = page.replace("__MEMAGENT_FEED_PATH__", self.path).encode()
+        protocol_log = logging.getLogger(f"websockets.server.{self.context.name}")
+        if self._token is not None:
+            protocol_log.addFilter(RedactSecret(self._token.decode()))
         self._server = await serve(
             self._handle, self.host, self.port, ssl=self.tls, process_request=self._process_request,
+            logger=protocol_log,
             ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
             write_limit=self.write_limit, max_size=self.max_size, max_queue=4,
             server_header="memagent")
