@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,9 @@ TOKEN = "e2e-token-5f1c"  # noqa: S105 - a test token, asserted never to appear 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+Feed = tuple[subprocess.Popen[bytes], int, list[str]]
 
 
 def feed_port(agent: subprocess.Popen[bytes], log: list[str]) -> int:
@@ -33,7 +36,7 @@ def feed_port(agent: subprocess.Popen[bytes], log: list[str]) -> int:
 
 
 @pytest.fixture
-def feed_agent(write_config: Callable[[str], Path]) -> tuple[subprocess.Popen[bytes], int, list[str]]:
+def feed_agent(write_config: Callable[[str], Path]) -> Iterator[Feed]:
     """`memagent run` with a token-protected websocket sink on a free port, sampling itself at 5 Hz."""
     config = write_config('[agent]\ninterval = "200ms"\n[[targets]]\nname = "me"\nself = true\n'
                           f'[[sinks]]\ntype = "websocket"\nport = 0\ntoken = "{TOKEN}"\n')
@@ -55,7 +58,7 @@ def websocat() -> str:
     return found
 
 
-def test_websocat_receives_records(feed_agent: tuple[subprocess.Popen[bytes], int, list[str]]) -> None:
+def test_websocat_receives_records(feed_agent: Feed) -> None:
     """websocat, an external client, reads schema-v1 records with a Bearer token."""
     _, port, _ = feed_agent
     client = subprocess.Popen([websocat(), "-n", "--text", f"ws://127.0.0.1:{port}/",
@@ -71,7 +74,7 @@ def test_websocat_receives_records(feed_agent: tuple[subprocess.Popen[bytes], in
     assert records[1]["seq"] == records[0]["seq"] + 1 and records[0]["target"] == "me"
 
 
-def test_websocat_with_wrong_token_is_refused(feed_agent: tuple[subprocess.Popen[bytes], int, list[str]]) -> None:
+def test_websocat_with_wrong_token_is_refused(feed_agent: Feed) -> None:
     """A wrong token gets HTTP 401 before any WebSocket traffic."""
     _, port, _ = feed_agent
     result = subprocess.run([websocat(), "-n", "--text", f"ws://127.0.0.1:{port}/?token=wrong"],
@@ -79,7 +82,7 @@ def test_websocat_with_wrong_token_is_refused(feed_agent: tuple[subprocess.Popen
     assert result.returncode != 0 and b"401" in result.stderr
 
 
-def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: tuple[subprocess.Popen[bytes], int, list[str]],
+def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: Feed,
                                                   tmp_path: Path) -> None:
     """Headless Chromium opens /dashboard: it goes live, counts records, charts the process, updates."""
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -104,7 +107,9 @@ def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: tuple[subprocess.P
                 const c = document.getElementById('chart');
                 const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                 let coloured = 0;
-                for (let i = 0; i < d.length; i += 4) if (d[i + 3] && Math.abs(d[i] - d[i + 1]) > 60) coloured++;
+                for (let i = 0; i < d.length; i += 4) {
+                    if (d[i + 3] && Math.abs(d[i] - d[i + 1]) > 60) coloured++;  // saturated: a line
+                }
                 return coloured;
             }""")
             page.screenshot(path=str(tmp_path / "dashboard.png"))
