@@ -119,3 +119,13 @@ def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: Feed,
     assert legend_pid == str(agent.pid) and "me · " in legend_text and "MiB" in legend_text
     assert painted > 20, "no coloured line was drawn on the chart"
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def test_hundred_clients_get_every_record_at_2000_per_second() -> None:
+    """The benchmark, shortened to 3 s: 100 clients + 1 stalled at 2,000 records/s, all complete."""
+    script = Path(__file__).parent / "benchmarks" / "bench_websocket.py"
+    result = subprocess.run([sys.executable, str(script), "--clients", "100", "--rate", "2000",
+                             "--seconds", "3"], capture_output=True, text=True, timeout=120, check=False)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "100/100 clients received every record exactly once" in result.stdout

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008  # bad filter or message
 CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
+CLOSE_TIMEOUT = 2.0  # seconds a closing client gets to answer; a stuck one must not hold shutdown
 
 
 class RedactSecret(logging.Filter):
@@ -199,6 +200,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
             logger=protocol_log,
             ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
             write_limit=self.write_limit, max_size=self.max_size, max_queue=4,
+            close_timeout=CLOSE_TIMEOUT,
             server_header="memagent")
         self.port = self._server.sockets[0].getsockname()[1]
         scheme = "wss" if self.tls else "ws"

@@ -1,0 +1,149 @@
+"""Benchmark: the WebSocket feed under many clients, with one stalled client.
+
+    python tests/benchmarks/bench_websocket.py [--clients 100] [--rate 2000] [--seconds 60]
+
+A server process runs the real ``websocket`` sink (``batch = true``) fed by a producer at
+``--rate`` records/s (schema-v1 records made by RecordMaker, in batches every 10 ms, as the
+agent's outlet would hand them over). This process connects ``--clients`` real WebSocket
+clients plus one stalled client (completes the handshake, never reads), checks that every client
+receives every seq exactly once, and prints p50/p99/max delivery latency (record ``ts`` → arrival)
+and the server's RSS over time (read from /proc by the linux backend). Exit status 1 if any
+healthy client missed or repeated a record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+from websockets.asyncio.client import connect
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ws_helpers import stalled_client  # noqa: E402 - helpers live beside the tests
+
+
+async def serve(rate: int, seconds: float) -> None:
+    """The server side: a real sink and a producer at ``rate`` records/s."""
+    from memagent.contracts import ProcessInfo, Reading
+    from memagent.options import Options
+    from memagent.plugins.sinks.websocket import WebSocketSink
+    from memagent.records import RecordMaker, iso_utc
+    from memagent.testing import sink_context
+
+    sink = WebSocketSink.from_options(Options({"port": 0, "batch": True, "max_clients": 1000,
+                                               "client_queue": 5000, "disconnect_after": 20000},
+                                              "sinks[1]"), sink_context("websocket"))
+    await sink.start()
+    print(sink.port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # clients are ready
+    maker = RecordMaker(host="bench", os_name="linux", backend="bench", tags={})
+    info = ProcessInfo(pid=4242, ppid=1, name="bench", started=time.time())
+    per_batch = max(1, rate // 100)
+    start = time.monotonic()
+    tick = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        tick += 1
+        ts = iso_utc(time.time())
+        batch = [maker.sample("bench", info, Reading(4242, info.started, {"rss": 1 << 20, "vms": 1 << 24},
+                                                     {"shared": 0}), ts) for _ in range(per_batch)]
+        await sink.write(batch)
+        await asyncio.sleep(max(0.0, start + tick * 0.01 - time.monotonic()))
+    await asyncio.sleep(2)  # let the healthy clients drain
+    counters = dict(sink.context.counters)
+    await sink.close()
+    print(orjson.dumps({"last_seq": maker.last_seq, "elapsed": elapsed, **counters}).decode(), flush=True)
+
+
+def rss_of(pid: int) -> int:
+    from memagent.plugins.backends.linux import LinuxBackend
+
+    backend = LinuxBackend()
+    identity = next(p.identity for p in backend.list_processes() if p.pid == pid)
+    reading = backend.sample([identity], False)[0]
+    backend.close()
+    return int(getattr(reading, "portable", {"rss": 0})["rss"])
+
+
+async def client(port: int, seqs: list[int], latencies: list[float], ready: asyncio.Event,
+                 counter: list[int], total: int) -> None:
+    async with connect(f"ws://127.0.0.1:{port}/", max_size=2**24) as ws:
+        counter[0] += 1
+        if counter[0] == total:
+            ready.set()
+        async for message in ws:
+            arrived = time.time()
+            records = orjson.loads(message)
+            if isinstance(records, dict):
+                records = [records]
+            for record in records:
+                if record.get("type") == "sample":
+                    seqs.append(record["seq"])
+            sent = datetime.fromisoformat(records[0]["ts"].replace("Z", "+00:00")).timestamp()
+            latencies.append(arrived - sent)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--no-stalled", action="store_true", help="leave out the stalled client")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        await serve(args.rate, args.seconds)
+        return 0
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "--rate", str(args.rate),
+                               "--seconds", str(args.seconds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None and server.stdout is not None
+    port = int(server.stdout.readline())
+    seqs: list[list[int]] = [[] for _ in range(args.clients)]
+    latencies: list[list[float]] = [[] for _ in range(args.clients)]
+    ready, counter = asyncio.Event(), [0]
+    tasks = [asyncio.create_task(client(port, seqs[i], latencies[i], ready, counter, args.clients))
+             for i in range(args.clients)]
+    await ready.wait()
+    stalled = None if args.no_stalled else await asyncio.to_thread(stalled_client, port)
+    server.stdin.write("go\n")
+    server.stdin.flush()
+    rss: list[tuple[float, int]] = []
+    started = time.monotonic()
+    summary_line = asyncio.create_task(asyncio.to_thread(server.stdout.readline))
+    while not summary_line.done():
+        rss.append((time.monotonic() - started, rss_of(server.pid)))
+        await asyncio.wait([summary_line], timeout=max(1.0, args.seconds / 6))
+    summary = orjson.loads(summary_line.result())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if stalled is not None:
+        stalled.close()
+    server.wait(timeout=30)
+
+    expected = list(range(1, summary["last_seq"] + 1))
+    complete = sum(1 for s in seqs if s == expected)
+    every = sorted(x for lat in latencies for x in lat)
+    p50 = statistics.median(every) * 1e3
+    p99 = every[int(len(every) * 0.99)] * 1e3
+    rate = summary["last_seq"] / summary["elapsed"]
+    extra = "" if args.no_stalled else " + 1 stalled"
+    print(f"{args.clients} clients{extra}, {summary['elapsed']:.0f} s at {rate:.0f} records/s "
+          f"(batch = true): {complete}/{args.clients} clients received every record exactly once")
+    print(f"delivery latency (record ts -> client): p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+          f"max {every[-1] * 1e3:.1f} ms over {len(every)} messages")
+    print(f"stalled client: disconnected_slow={summary['disconnected_slow']}, "
+          f"records dropped for it={summary['client_drops']}")
+    print("server RSS: " + ", ".join(f"{t:.0f}s {r / 2**20:.1f} MiB" for t, r in rss))
+    return 0 if complete == args.clients else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
