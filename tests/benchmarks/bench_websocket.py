@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ws_helpers import stalled_client  # noqa: E402 - helpers live beside the tests
 
 
-async def serve(rate: int, seconds: float) -> None:
+async def serve(rate: int, seconds: float, batch: bool) -> None:
     """The server side: a real sink and a producer at ``rate`` records/s."""
     from memagent.contracts import ProcessInfo, Reading
     from memagent.options import Options
@@ -37,7 +37,7 @@ async def serve(rate: int, seconds: float) -> None:
     from memagent.records import RecordMaker, iso_utc
     from memagent.testing import sink_context
 
-    sink = WebSocketSink.from_options(Options({"port": 0, "batch": True, "max_clients": 1000,
+    sink = WebSocketSink.from_options(Options({"port": 0, "batch": batch, "max_clients": 1000,
                                                "client_queue": 5000, "disconnect_after": 20000},
                                               "sinks[1]"), sink_context("websocket"))
     await sink.start()
@@ -95,13 +95,15 @@ async def main() -> int:
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--no-stalled", action="store_true", help="leave out the stalled client")
+    parser.add_argument("--unbatched", action="store_true", help="one message per record (batch = false)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        await serve(args.rate, args.seconds)
+        await serve(args.rate, args.seconds, batch=not args.unbatched)
         return 0
     server = subprocess.Popen([sys.executable, __file__, "--serve", "--rate", str(args.rate),
-                               "--seconds", str(args.seconds)], stdin=subprocess.PIPE,
+                               "--seconds", str(args.seconds), *(["--unbatched"] if args.unbatched else [])],
+                              stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     assert server.stdin is not None and server.stdout is not None
     port = int(server.stdout.readline())
@@ -136,7 +138,8 @@ async def main() -> int:
     rate = summary["last_seq"] / summary["elapsed"]
     extra = "" if args.no_stalled else " + 1 stalled"
     print(f"{args.clients} clients{extra}, {summary['elapsed']:.0f} s at {rate:.0f} records/s "
-          f"(batch = true): {complete}/{args.clients} clients received every record exactly once")
+          f"(batch = {str(not args.unbatched).lower()}): "
+          f"{complete}/{args.clients} clients received every record exactly once")
     print(f"delivery latency (record ts -> client): p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
           f"max {every[-1] * 1e3:.1f} ms over {len(every)} messages")
     print(f"stalled client: disconnected_slow={summary['disconnected_slow']}, "
