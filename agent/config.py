@@ -183,6 +183,9 @@ def _agent(opts: Options) -> AgentConfig:
 
 
 def _array_of_tables(value: Any, key: str) -> list[Any]:
+    """A non-empty ``[[key]]`` array of tables."""
+    if value is None or value == []:
+        raise ConfigError(key, f"at least one [[{key}]] table is required")
     if isinstance(value, dict):
         raise ConfigError(key, f"must be an array of tables ([[{key}]]), got a single table")
     if not isinstance(value, list):
@@ -191,11 +194,7 @@ def _array_of_tables(value: Any, key: str) -> list[Any]:
 
 
 def _targets(raw: Any, agent: AgentConfig) -> tuple[TargetConfig, ...]:
-    if raw is None:
-        raise ConfigError("targets", "at least one [[targets]] table is required")
     items = _array_of_tables(raw, "targets")
-    if not items:
-        raise ConfigError("targets", "at least one [[targets]] table is required")
     targets = []
     seen: set[str] = set()
     for number, item in enumerate(items, start=1):
@@ -253,8 +252,6 @@ def _sinks(raw: Any, target_names: set[str]) -> tuple[SinkConfig, ...]:
     if raw is None:
         raw = [{"type": "stdout"}]
     items = _array_of_tables(raw, "sinks")
-    if not items:
-        raise ConfigError("sinks", "at least one [[sinks]] table is required")
     sinks = []
     names: set[str] = set()
     for number, item in enumerate(items, start=1):
