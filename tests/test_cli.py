@@ -261,3 +261,20 @@ def test_every_example_config_checks(example: str) -> None:
     """Each config in examples/ passes `memagent check` (container.toml with HOST_PROC=/proc)."""
     result = run_cli("check", str(REPO / "examples" / example), env=env_with(HOST_PROC="/proc"))
     assert result.returncode == 0, result.stderr
+
+
+def test_sink_that_cannot_start_exits_1_with_one_line(write_config: Callable[[str], Path]) -> None:
+    """A websocket port already taken is a run-time failure: exit 1, one clear line, no traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(f'[[targets]]\nname = "me"\nself = true\n'
+                              f'[[sinks]]\ntype = "websocket"\nport = {port}\n')
+        result = run_cli("run", str(config), "--once")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith("memagent: error: sink websocket: cannot start:") and "in use" in errors[0]
