@@ -1,9 +1,16 @@
-"""Builds fixture procfs trees for the linux backend (``procfs = <tmp>/proc``)."""
+"""Fixture procfs trees for the linux backend: the static one in tests/data/proc, a builder for
+variants (``procfs = <tmp>/proc``), and a way to run a check as an unprivileged user."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from memagent.plugins.backends.linux import LinuxBackend
 
 BTIME = 1_700_000_000
 CLK_TCK = 100
@@ -52,3 +59,43 @@ def build_procfs(root: Path, processes: list[FakeProc]) -> Path:
 def started(p: FakeProc) -> float:
     """The start time the backend computes for a fixture process."""
     return BTIME + p.start_ticks / CLK_TCK
+
+
+#: The hand-written tree in tests/data/proc (see tests/data/README.md for its cases).
+FIXTURE_PROC = Path(__file__).parent / "data" / "proc"
+FIXTURE_BTIME = 1_764_000_000
+NOBODY = 65534
+
+
+def fixture_started(start_ticks: int) -> float:
+    """The start time the backend computes for a process of the static tree."""
+    return FIXTURE_BTIME + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def identity_of(backend: LinuxBackend, pid: int) -> tuple[int, float]:
+    """The identity the backend lists for ``pid``."""
+    return next(p.identity for p in backend.list_processes() if p.pid == pid)
+
+
+def run_as_nobody(work: Callable[[], Any]) -> Any:
+    """``work()`` in a forked child that really dropped to uid/gid 65534; its JSON-able result.
+    The kernel, not a mock, does the permission checks. Needs root."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, work, report, exit without running pytest's atexit
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(write_end, json.dumps(work()).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed"
+    return json.loads(output)

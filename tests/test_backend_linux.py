@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -18,61 +20,114 @@ from memagent.options import Options
 from memagent.plugins.backends.linux import LinuxBackend, parse_stat
 
 from cli_helpers import ps_rss_vsz, spawn_allocator, stop_child
-from procfs_fixture import FakeProc, build_procfs, started
+from procfs_fixture import (
+    FIXTURE_PROC,
+    FakeProc,
+    build_procfs,
+    fixture_started,
+    identity_of,
+    run_as_nobody,
+    started,
+)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def test_fixture_process_reads_statm_times_page_size(tmp_path: Path) -> None:
-    """rss/vms/platform are statm × page size; full comes from smaps_rollup in bytes."""
-    worker = FakeProc(pid=10)
-    backend = LinuxBackend(str(build_procfs(tmp_path, [worker])))
-    [info] = backend.list_processes()
-    assert (info.pid, info.ppid, info.name, info.started) == (10, 1, "worker", started(worker))
-    assert info.cmdline == ("/usr/bin/worker", "--serve") and info.user == "root"
-    assert info.cgroup == "/system.slice/worker.service"
-    [reading] = backend.sample([info.identity], full=True)
+# -- the static fixture tree, tests/data/proc (cases in tests/data/README.md) -----------------
+
+def fixture_backend(**kwargs: Any) -> LinuxBackend:
+    return LinuxBackend.from_options(Options({"procfs": str(FIXTURE_PROC), **kwargs}, "backends.linux"))
+
+
+def test_fixture_tree_lists_every_readable_process_with_its_details() -> None:
+    """Listing reads stat/cmdline/exe/status/cgroup; a pid dir without stat (600) is left out."""
+    listed = {p.pid: p for p in fixture_backend().list_processes()}
+    assert sorted(listed) == [1, 2, 7, 300, 400, 500]
+    nginx = listed[1]
+    assert (nginx.ppid, nginx.name, nginx.started) == (0, "nginx", fixture_started(950))
+    assert nginx.cmdline == ("nginx: master process /usr/sbin/nginx",)
+    assert (nginx.exe, nginx.user) == ("/usr/sbin/nginx", "www-data")
+    assert nginx.cgroup == "/system.slice/nginx.service"
+    kthread = listed[2]
+    assert (kthread.cmdline, kthread.exe, kthread.user, kthread.cgroup) == ((), None, "root", "/")
+    sd_pam = listed[7]
+    assert (sd_pam.name, sd_pam.ppid, sd_pam.user) == ("(sd-pam)", 1, "4242")  # no passwd entry: the uid
+    assert listed[300].cgroup == "/legacy/app"  # cgroup v1 only: the first line's path
+    assert (listed[400].user, listed[400].cgroup) == (None, None)  # no Uid line, no cgroup file
+
+
+def test_fixture_normal_process_reads_statm_times_page_size_and_rollup_in_bytes() -> None:
+    """rss/vms/platform are statm pages × page size; full is smaps_rollup kB × 1024."""
+    backend = fixture_backend()
+    [reading] = backend.sample([(1, fixture_started(950))], full=True)
     assert isinstance(reading, Reading)
-    assert reading.portable == {"rss": 500 * PAGE, "vms": 2000 * PAGE}
-    assert reading.platform == {"shared": 100 * PAGE, "text": 10 * PAGE, "lib": 0,
-                                "data": 300 * PAGE, "dirty": 0}
-    assert reading.full == {"uss": 1000 * 1024, "pss": 1500 * 1024, "swap": 64 * 1024}
+    assert reading.portable == {"rss": 2304 * PAGE, "vms": 25600 * PAGE}
+    assert reading.platform == {"shared": 768 * PAGE, "text": 256 * PAGE, "lib": 0,
+                                "data": 1536 * PAGE, "dirty": 0}
+    assert reading.full == {"uss": (1024 + 5120) * 1024, "pss": 6144 * 1024, "swap": 512 * 1024}
+    assert reading.problems == () and backend.open_fds == 1
 
 
-def test_smaps_is_used_where_rollup_is_missing(tmp_path: Path) -> None:
-    """Old kernels have no smaps_rollup: per-mapping smaps lines are summed instead."""
-    smaps = ("00400000-00452000 r-xp 0 08:02 173521 /usr/bin/x\nPss: 100 kB\nPrivate_Clean: 40 kB\n"
-             "Swap: 0 kB\n7f00-7f01 rw-p 0 00:00 0\nPss: 200 kB\nPrivate_Dirty: 200 kB\nSwap: 8 kB\n")
-    old = FakeProc(pid=11, rollup=None, smaps=smaps)
-    backend = LinuxBackend(str(build_procfs(tmp_path, [old])))
-    [reading] = backend.sample([(11, started(old))], full=True)
+def test_fixture_smaps_is_summed_only_where_rollup_is_missing() -> None:
+    """The old-kernel process sums per-mapping smaps; the next process still reads its rollup."""
+    old, new = (300, fixture_started(3000)), (7, fixture_started(1200))
+    first, second = fixture_backend().sample([old, new], full=True)
+    assert isinstance(first, Reading) and isinstance(second, Reading)
+    assert first.full == {"uss": 240 * 1024, "pss": 300 * 1024, "swap": 8 * 1024}
+    assert second.full == {"uss": 6144 * 1024, "pss": 6144 * 1024, "swap": 0}
+
+
+def test_fixture_kernel_thread_reads_zeros() -> None:
+    """A kernel thread (statm zeros, no smaps) samples as zeros, full included, like psutil."""
+    [reading] = fixture_backend().sample([(2, fixture_started(22))], full=True)
     assert isinstance(reading, Reading)
-    assert reading.full == {"uss": 240 * 1024, "pss": 300 * 1024, "swap": 8 * 1024}
+    assert reading.portable == {"rss": 0, "vms": 0} and set(reading.platform.values()) == {0}
+    assert reading.full == {"uss": 0, "pss": 0, "swap": 0}
 
 
-def test_kernel_thread_reads_zeros(tmp_path: Path) -> None:
-    """A kernel thread (no cmdline, statm zeros, no smaps) samples as zeros, like psutil."""
-    kthread = FakeProc(pid=2, comm="kthreadd", ppid=0, cmdline=(), statm=(0,) * 7, rollup=None)
-    backend = LinuxBackend(str(build_procfs(tmp_path, [kthread])))
-    [info] = backend.list_processes()
-    assert info.cmdline == () and info.name == "kthreadd"
-    [reading] = backend.sample([info.identity], full=True)
-    assert isinstance(reading, Reading)
-    assert reading.portable == {"rss": 0, "vms": 0} and reading.full == {"uss": 0, "pss": 0, "swap": 0}
+def test_fixture_malformed_files_are_errors_not_crashes() -> None:
+    """A truncated statm is a read_error Failure; a malformed rollup keeps the sample, minus full."""
+    bad_statm, bad_rollup = (400, fixture_started(4000)), (500, fixture_started(5000))
+    backend = fixture_backend()
+    first, second = backend.sample([bad_statm, bad_rollup], full=True)
+    assert isinstance(first, Failure) and (first.kind, first.message) == ("read_error", "statm: malformed")
+    assert isinstance(second, Reading) and second.portable == {"rss": 300 * PAGE, "vms": 3000 * PAGE}
+    assert second.full is None and second.problems[0][0] == "full_unreadable"
+    assert backend.open_fds == 1  # the failed one's fd was released
 
 
-def test_dead_process_is_gone_and_malformed_statm_is_an_error(tmp_path: Path) -> None:
-    """A missing pid directory is Gone; a truncated statm is a read_error Failure, not a crash."""
-    alive, broken = FakeProc(pid=20), FakeProc(pid=21)
-    proc = build_procfs(tmp_path, [alive, broken])
-    (proc / "21" / "statm").write_text("12 34\n")
-    backend = LinuxBackend(str(proc))
-    gone_identity = (99, 1_700_000_001.0)
-    results = backend.sample([(20, started(alive)), (21, started(broken)), gone_identity], full=False)
-    assert isinstance(results[0], Reading)
-    assert isinstance(results[1], Failure) and results[1].kind == "read_error"
-    assert results[2] == Gone(*gone_identity)
+def test_fixture_dead_and_vanished_processes_are_gone() -> None:
+    """No pid dir (999), or a dir whose stat/statm vanished (600): Gone, and no fd kept."""
+    dead, vanished = (999, fixture_started(1)), (600, fixture_started(6000))
+    backend = fixture_backend()
+    assert backend.sample([dead, vanished], full=True) == [Gone(*dead), Gone(*vanished)]
+    assert backend.open_fds == 0
 
+
+def test_fixture_statm_denied_is_an_access_denied_failure() -> None:
+    """An unreadable statm (mode 000, read by a really unprivileged uid) is access_denied."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged uid")
+    root = Path(tempfile.mkdtemp(prefix="memagent-procfs-"))  # not under pytest's 0700 tmp dir
+    try:
+        root.chmod(0o755)
+        proc = root / "proc"
+        shutil.copytree(FIXTURE_PROC, proc, symlinks=True)
+        (proc / "1" / "statm").chmod(0)
+        identity = (1, fixture_started(950))
+
+        def sample() -> list[Any]:
+            [result] = LinuxBackend(str(proc)).sample([identity], full=False)
+            assert isinstance(result, Failure)
+            return [result.kind, result.message]
+
+        assert run_as_nobody(sample) == ["access_denied", "statm: Permission denied"]
+        assert isinstance(LinuxBackend(str(proc)).sample([identity], full=False)[0], Reading)  # root may
+    finally:
+        shutil.rmtree(root)
+
+
+# -- generated variants ------------------------------------------------------------------------
 
 def test_identity_mismatch_is_gone(tmp_path: Path) -> None:
     """A pid whose start time differs from the identity (reused pid) samples as Gone."""
@@ -119,10 +174,6 @@ def test_procfs_option_is_validated(tmp_path: Path) -> None:
 
 
 # -- real processes ---------------------------------------------------------------------------
-
-def identity_of(backend: LinuxBackend, pid: int) -> tuple[int, float]:
-    return next(p.identity for p in backend.list_processes() if p.pid == pid)
-
 
 def test_real_child_matches_ps_statm_and_psutil() -> None:
     """200 MiB child: rss/vms = ps × 1024 (± 2 pages), platform = statm × page, full ≈ psutil (1%)."""
@@ -182,31 +233,22 @@ def test_zombie_reads_zeros() -> None:
 
 
 def test_full_denied_still_samples_with_a_problem() -> None:
-    """As an unprivileged user, another user's smaps_rollup is denied: the sample keeps
-    rss/vms and carries a full_denied problem (a forked child really drops to uid 65534)."""
+    """As an unprivileged user, another user's smaps_rollup is denied (ptrace check): the sample
+    keeps rss/vms and carries one full_denied problem."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged uid")
     child = spawn_allocator(1)
-    read_end, write_end = os.pipe()
     try:
-        pid = os.fork()
-        if pid == 0:  # the forked child: drop privileges, sample, report, exit
-            try:
-                os.setgid(65534)
-                os.setuid(65534)
-                backend = LinuxBackend()
-                [reading] = backend.sample([identity_of(backend, child.pid)], full=True)
-                assert isinstance(reading, Reading)
-                report = [reading.portable["rss"], reading.full, list(map(list, reading.problems))]
-                os.write(write_end, json.dumps(report).encode())
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as pipe:
-            output = pipe.read()
-        os.waitpid(pid, 0)
+        def sample() -> list[Any]:
+            backend = LinuxBackend()
+            [reading] = backend.sample([identity_of(backend, child.pid)], full=True)
+            assert isinstance(reading, Reading)
+            return [reading.portable["rss"], reading.full, [list(p) for p in reading.problems]]
+
+        rss, full, problems = run_as_nobody(sample)
     finally:
         stop_child(child)
-    rss, full, problems = json.loads(output)
     assert rss > 0 and full is None
-    assert problems[0][0] == "full_denied" and "Permission denied" in problems[0][1]
+    [[kind, message]] = problems
+    assert kind == "full_denied" and message.endswith(
+        "smaps_rollup: Permission denied; uss/pss/swap need ptrace access (root, or the process's own user)")

@@ -103,7 +103,6 @@ class LinuxBackend:
         self._fds: dict[Identity, int] = {}
         self._details: dict[Identity, ProcessInfo] = {}
         self._users: dict[int, str] = {}
-        self._smaps_name = "smaps_rollup"
 
     @classmethod
     def available(cls) -> bool:
@@ -229,13 +228,14 @@ class LinuxBackend:
             os.close(fd)
 
     def _full(self, pid: int) -> dict[str, int]:
+        """uss/pss/swap from smaps_rollup, or from smaps where this process has no rollup
+        (kernels before 4.14). The fallback is per process, never a global switch."""
         try:
-            return parse_rollup(read_whole(f"{self.procfs}/{pid}/{self._smaps_name}"))
+            return parse_rollup(read_whole(f"{self.procfs}/{pid}/smaps_rollup"))
         except FileNotFoundError:
-            if self._smaps_name == "smaps" or not os.path.exists(f"{self.procfs}/{pid}"):
+            if not os.path.isdir(f"{self.procfs}/{pid}"):
                 raise
-            self._smaps_name = "smaps"  # kernel < 4.14: no rollup anywhere
-            return parse_rollup(read_whole(f"{self.procfs}/{pid}/smaps"))
+        return parse_rollup(read_whole(f"{self.procfs}/{pid}/smaps"))
 
     def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
         results: list[SampleResult] = []
@@ -269,18 +269,18 @@ class LinuxBackend:
             try:
                 results.append(Reading(pid, started, portable, platform, self._full(pid)))
             except PermissionError as exc:
-                problem = (("full_denied", f"{self._smaps_name}: {exc.strerror}; uss/pss/swap need "
-                            "ptrace access (root, or the process's own user)"),)
+                problem = (("full_denied", f"{exc.filename or 'smaps_rollup'}: {exc.strerror}; "
+                            "uss/pss/swap need ptrace access (root, or the process's own user)"),)
                 results.append(Reading(pid, started, portable, platform, None, problem))
             except OSError as exc:
                 if exc.errno in _GONE_ERRNOS:
                     self.forget(identity)
                     results.append(Gone(pid, started))
                 else:
-                    problem = (("full_unreadable", f"{self._smaps_name}: {exc.strerror or exc}"),)
+                    problem = (("full_unreadable", f"{exc.filename or 'smaps'}: {exc.strerror or exc}"),)
                     results.append(Reading(pid, started, portable, platform, None, problem))
             except (ValueError, IndexError):
-                problem = (("full_unreadable", f"{self._smaps_name}: malformed"),)
+                problem = (("full_unreadable", f"pid {pid}: smaps_rollup/smaps malformed"),)
                 results.append(Reading(pid, started, portable, platform, None, problem))
         return results
 
