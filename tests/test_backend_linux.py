@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.backends.linux import LinuxBackend, parse_stat
 
-from cli_helpers import ps_rss_vsz, spawn_allocator, stop_child
+from cli_helpers import parse_records, ps_rss_vsz, run_cli, spawn_allocator, stop_child
 from procfs_fixture import (
     FIXTURE_PROC,
     FakeProc,
@@ -252,3 +253,37 @@ def test_full_denied_still_samples_with_a_problem() -> None:
     [[kind, message]] = problems
     assert kind == "full_denied" and message.endswith(
         "smaps_rollup: Permission denied; uss/pss/swap need ptrace access (root, or the process's own user)")
+
+
+# -- through the real CLI ------------------------------------------------------------------------
+
+def test_cli_on_the_fixture_tree_reports_each_problem_once(
+        write_config: Callable[[str], Path], validate_record: Callable[[dict[str, Any]], None]) -> None:
+    """`memagent run` with procfs = the fixture tree: exact samples every tick, and each broken
+    process gives one error record for the whole run, not one per tick."""
+    config = write_config(f"""
+        [agent]
+        interval = "100ms"
+        hostname = "fixture"
+        [backends.linux]
+        procfs = "{FIXTURE_PROC}"
+        [[targets]]
+        name = "everything"
+        all = true
+        full = true
+        [[sinks]]
+        type = "stdout"
+        """.replace("\n        ", "\n"))
+    result = run_cli("run", str(config), "--duration", "1")
+    assert result.returncode == 0, result.stderr
+    records = parse_records(result.stdout)
+    for record in records:
+        validate_record(record)
+    samples = [r for r in records if r["type"] == "sample"]
+    errors = [(r["pid"], r["error"]["kind"]) for r in records if r["type"] == "error"]
+    nginx = [r for r in samples if r["pid"] == 1]
+    assert len(nginx) >= 5, f"only {len(nginx)} ticks in 1 s at 100 ms"
+    assert {r["pid"] for r in samples} == {1, 2, 7, 300, 500}
+    assert nginx[-1]["portable"] == {"rss": 2304 * PAGE, "vms": 25600 * PAGE}
+    assert nginx[-1]["full"] == {"uss": 6144 * 1024, "pss": 6144 * 1024, "swap": 512 * 1024}
+    assert sorted(errors) == [(400, "read_error"), (500, "full_unreadable")]
