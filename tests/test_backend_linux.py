@@ -287,3 +287,22 @@ def test_cli_on_the_fixture_tree_reports_each_problem_once(
     assert nginx[-1]["portable"] == {"rss": 2304 * PAGE, "vms": 25600 * PAGE}
     assert nginx[-1]["full"] == {"uss": 6144 * 1024, "pss": 6144 * 1024, "swap": 512 * 1024}
     assert sorted(errors) == [(400, "read_error"), (500, "full_unreadable")]
+
+
+FD_LIMIT_PROBE = """
+import resource, sys
+from memagent.plugins.backends.linux import LinuxBackend
+soft, hard = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+backend = LinuxBackend()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], backend.max_open_fds)
+"""
+
+
+@pytest.mark.parametrize(("soft", "hard", "expected"), [(256, 8192, (8192, 8192 - 1024)),
+                                                         (1024, 1024, (1024, 512))])
+def test_fd_limit_is_raised_and_budgeted(soft: int, hard: int, expected: tuple[int, int]) -> None:
+    """The soft RLIMIT_NOFILE is raised to the hard limit; the fd budget keeps 1,024 (or half) spare."""
+    out = subprocess.run([sys.executable, "-c", FD_LIMIT_PROBE, str(soft), str(hard)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert (int(out[0]), int(out[1])) == expected

@@ -15,8 +15,9 @@ and tests point it at fixture trees):
 - Zombies and kernel threads read zeros, as with psutil.
 
 Open fds are budgeted: RLIMIT_NOFILE's soft limit is raised as far as the hard limit allows, and
-at most ``max_open_fds`` (default: the limit less a reserve of :data:`FD_RESERVE` for sinks and
-clients) are kept; past that, processes are read with open/read/close — slower, still correct.
+at most ``max_open_fds`` are kept (default: :func:`default_fd_budget`, the limit less a reserve
+of :data:`FD_RESERVE` for sinks and clients, or half the limit when it is small); past that,
+processes are read with open/read/close — slower, still correct.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
     return soft
+
+
+def default_fd_budget(limit: int) -> int:
+    """How many statm fds to hold under an RLIMIT_NOFILE soft limit of ``limit``: all but
+    :data:`FD_RESERVE`, or half of a small limit (1,024 where the hard limit cannot be raised)."""
+    return max(limit - FD_RESERVE, limit // 2)
 
 
 def parse_stat(text: str) -> tuple[str, int, int]:
@@ -98,7 +105,7 @@ class LinuxBackend:
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.boot_time = self._boot_time()
         if max_open_fds is None:
-            max_open_fds = max(0, raise_fd_limit() - FD_RESERVE)
+            max_open_fds = default_fd_budget(raise_fd_limit())
         self.max_open_fds = max_open_fds
         self._fds: dict[Identity, int] = {}
         self._details: dict[Identity, ProcessInfo] = {}
