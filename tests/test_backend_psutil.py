@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from memagent.contracts import Failure, Gone, Reading
 from memagent.plugins.backends.linux import LinuxBackend
 from memagent.plugins.backends.psutil import PLATFORM_FIELDS, PsutilBackend, map_full, map_memory, os_name
 
+from cli_helpers import parse_records, ps_rss_vsz, run_cli, spawn_allocator, stop_child
 from fake_psutil import PFULLMEM, PMEM, PMEM_PSUTIL8, AccessDenied, FakePsutil, ZombieProcess, fill
 
 SEED_TABLE = {  # shared/seed/README.md, verbatim
@@ -133,3 +136,21 @@ def test_forced_on_linux_agrees_with_the_native_backend() -> None:
     assert set(a.platform) == set(b.platform) and via_psutil.os == "linux"
     for key in ("rss", "vms"):
         assert abs(a.portable[key] - b.portable[key]) <= 64 * 4096  # the interpreter moves between reads
+
+
+def test_cli_forced_psutil_on_linux_matches_ps(write_config: Callable[[str], Path]) -> None:
+    """`backend = "psutil"` through `memagent run`: os linux, Linux's platform fields, rss/vms = ps."""
+    child = spawn_allocator(50)
+    try:
+        config = write_config(f'[agent]\nbackend = "psutil"\n[[targets]]\nname = "child"\npid = {child.pid}\n'
+                              'full = true\n[[sinks]]\ntype = "stdout"\n')
+        result = run_cli("run", str(config), "--once")
+        ps_rss, ps_vsz = ps_rss_vsz(child.pid)
+    finally:
+        stop_child(child)
+    assert result.returncode == 0, result.stderr
+    [sample] = [r for r in parse_records(result.stdout) if r["type"] == "sample"]
+    assert (sample["os"], sample["backend"], sample["pid"]) == ("linux", "psutil", child.pid)
+    assert set(sample["platform"]) == SEED_TABLE["linux"] and set(sample["full"]) == {"uss", "pss", "swap"}
+    assert abs(sample["portable"]["rss"] - ps_rss) <= 2 * 4096
+    assert abs(sample["portable"]["vms"] - ps_vsz) <= 2 * 4096
