@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +26,10 @@ def file_sink(path: Path, **options: object) -> FileSink:
 
 
 async def test_batches_become_lines_with_0640_and_0750(tmp_path: Path) -> None:
-    """Records are NDJSON lines; new dirs are 0750 and the file 0640 even under umask 0."""
+    """Records are NDJSON lines; every new dir level is 0750 and the file 0640 even under umask 0."""
     old = os.umask(0)
     try:
-        sink = file_sink(tmp_path / "logs" / "m.ndjson")
+        sink = file_sink(tmp_path / "var" / "logs" / "m.ndjson")
         await sink.start()
         records = make_records(25)
         await sink.write(records[:10])
@@ -34,10 +37,11 @@ async def test_batches_become_lines_with_0640_and_0750(tmp_path: Path) -> None:
         await sink.close()
     finally:
         os.umask(old)
-    live = tmp_path / "logs" / "m.ndjson"
+    live = tmp_path / "var" / "logs" / "m.ndjson"
     assert read_lines(live) == [r.json for r in records]
     assert oct(live.stat().st_mode & 0o777) == "0o640"
     assert oct(live.parent.stat().st_mode & 0o777) == "0o750"
+    assert oct(live.parent.parent.stat().st_mode & 0o777) == "0o750"
 
 
 async def test_size_rotation_keeps_every_line_once_in_order(tmp_path: Path) -> None:
@@ -56,16 +60,21 @@ async def test_size_rotation_keeps_every_line_once_in_order(tmp_path: Path) -> N
     assert archives == sorted(archives)
 
 
-async def test_keep_prunes_oldest_archives(tmp_path: Path) -> None:
-    """keep = 3 leaves the three newest archives."""
+@pytest.mark.parametrize("compress", [False, True])
+async def test_keep_prunes_oldest_archives(tmp_path: Path, compress: bool) -> None:
+    """keep = 3 leaves the three newest archives (gzipped or not) and nothing else."""
     live = tmp_path / "m.ndjson"
-    sink = file_sink(live, rotate_size="1KB", keep=3)
+    sink = file_sink(live, rotate_size="1KB", keep=3, compress=compress)
     await sink.start()
     for batch in range(30):
         await sink.write(make_records(3, start_seq=batch * 3))
     await sink.close()
     archives = archives_of(str(live))
     assert len(archives) == 3 and sink.context.counters["rotations"] > 3
+    assert all(a.endswith(".gz") == compress for a in archives)
+    assert "archive_errors" not in sink.context.counters and list(sink.context.report) == []
+    leftovers = {p.name for p in tmp_path.iterdir()} - {live.name, *(Path(a).name for a in archives)}
+    assert leftovers == set()  # no .partial, no uncompressed archive left behind
     assert seqs_in_order(live)[-1] == 90
 
 
@@ -187,3 +196,71 @@ def test_bad_options_name_the_key(options: dict[str, object], message: str) -> N
         FileSink.from_options(Options(raw, "sinks[1]"), sink_context())
     assert str(caught.value).startswith(message)
 
+
+
+async def test_interval_fsync_reaches_disk_without_a_further_batch(tmp_path: Path) -> None:
+    """fsync = "interval": the last batch is fsynced fsync_interval later even if nothing follows."""
+    sink = file_sink(tmp_path / "m.ndjson", fsync="interval", fsync_interval="50ms")
+    await sink.start()
+    await sink.write(make_records(3))
+    assert sink.context.counters["fsyncs"] == 0
+    assert sink._flush_task is not None
+    await asyncio.wait_for(sink._flush_task, 5)
+    assert sink.context.counters["fsyncs"] == 1
+    await sink.close()
+    assert sink.context.counters["fsyncs"] == 1  # nothing new to sync at close
+
+
+async def test_batch_fsync_and_close_fsync(tmp_path: Path) -> None:
+    """fsync = "batch" syncs every batch; "never" syncs nothing, not even at close."""
+    each = file_sink(tmp_path / "a.ndjson", fsync="batch")
+    never = file_sink(tmp_path / "b.ndjson", fsync="never")
+    for sink in (each, never):
+        await sink.start()
+        for start in range(0, 30, 10):
+            await sink.write(make_records(10, start_seq=start))
+        await sink.close()
+    assert each.context.counters["fsyncs"] == 3
+    assert never.context.counters["fsyncs"] == 0
+
+
+async def test_failed_fsync_is_reported_once_and_never_duplicates(tmp_path: Path) -> None:
+    """A file that refuses fsync (a FIFO: EINVAL): counted, one report, each line delivered once."""
+    fifo = tmp_path / "m.fifo"
+    os.mkfifo(fifo)
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(fifo.read_bytes()))
+    reader.start()
+    sink = file_sink(fifo, fsync="batch")
+    await sink.start()
+    records = make_records(30)
+    for start in range(0, 30, 10):
+        await sink.write(records[start:start + 10])
+    await sink.close()
+    reader.join(timeout=10)
+    assert received.splitlines() == [r.json for r in records]
+    assert sink.context.counters["fsync_errors"] == 4  # each batch, and close tries once more
+    assert sink.context.counters["truncations"] == 0  # a FIFO's size 0 is not a truncation
+    assert [m for m in sink.context.report if "fsync" in m] == [
+        f"file sink file: fsync {fifo} failed: Invalid argument; records written may not be on disk"]
+
+
+async def test_reopen_that_cannot_open_says_why_and_the_next_write_recovers(tmp_path: Path) -> None:
+    """SIGHUP while the directory is gone (a file in its place): SinkError naming the path; once
+    the directory is back the next write recreates the file."""
+    logs = tmp_path / "logs"
+    live = logs / "m.ndjson"
+    sink = file_sink(live)
+    await sink.start()
+    records = make_records(20)
+    await sink.write(records[:10])
+    shutil.rmtree(logs)
+    logs.write_text("not a directory")
+    with pytest.raises(SinkError, match=f"^{live}: Not a directory$"):
+        await sink.reopen()
+    with pytest.raises(SinkError, match="Not a directory"):
+        await sink.write(records[10:])
+    logs.unlink()
+    await sink.write(records[10:])  # the framework's retry
+    await sink.close()
+    assert read_lines(live) == [r.json for r in records[10:]]

@@ -13,11 +13,14 @@ Guarantees:
 - External rotation: before each batch the path is checked. Renamed or deleted (logrotate
   ``create``) → the file at the path is (re)opened, created if missing; SIGHUP does the same.
   Truncated (logrotate ``copytruncate``) → noticed and counted; appending continues at the new end.
-- Files are created with ``mode`` (default 0640, exactly, whatever the umask), directories with
-  ``dir_mode`` (0750).
+- Files are created with ``mode`` (default 0640, exactly, whatever the umask), missing
+  directories, each level, with ``dir_mode`` (0750, less what the umask removes).
 - ``fsync``: ``never`` (the kernel writes back, ~30 s), ``batch`` (each batch is on disk before the
-  next is taken), ``interval`` (at most ``fsync_interval`` of writes at risk; the default). Close
-  always fsyncs, so on SIGTERM every record the agent produced is on disk before exit.
+  next is taken), ``interval`` (the default: a batch is fsynced at most ``fsync_interval`` after it
+  was written, also when no further batch comes). Close always fsyncs, so on SIGTERM every record
+  the agent produced is on disk before exit. A failed fsync is counted (``fsync_errors``) and
+  reported once per episode, never retried as a write: the lines are already in the file, and
+  writing them again would duplicate them.
 - The path may use strftime fields and ``{host}``: ``/var/log/memagent/{host}-%Y-%m-%d.ndjson``
   switches file when the rendered name changes.
 
@@ -32,6 +35,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -59,6 +63,21 @@ def parse_mode(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
         raise ConfigError(key, f'must be an octal mode like "0640", got {value!r}')
     return value
+
+
+def make_dirs(directory: str, mode: int) -> None:
+    """Create ``directory`` and every missing parent with ``mode`` (``os.makedirs`` gives only the
+    leaf the mode since Python 3.7; parents would get 0777 less the umask)."""
+    missing = []
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
 
 
 class FileSink:
@@ -95,12 +114,18 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._file: Any = None
         self._identity: tuple[int, int] | None = None
         self._size = 0
+        self._regular = True  # False for /dev/full, a FIFO: no size, no truncation, no rotation
         self._boundary: float | None = None
         self._last_fsync = time.monotonic()
         self._dirty = False
         self._housekeeping: set[asyncio.Task[None]] = set()
+        self._archiving = asyncio.Lock()  # one archive at a time: prune never races a gzip
+        self._io = asyncio.Lock()  # the deferred fsync against write / reopen / close
+        self._flush_task: asyncio.Task[None] | None = None
+        self._fsync_failing = False
         self._open_problem: str | None = None
-        for counter in ("bytes_written", "rotations", "reopens", "truncations", "write_errors"):
+        for counter in ("bytes_written", "rotations", "reopens", "truncations", "write_errors",
+                        "fsyncs", "fsync_errors"):
             context.counters.setdefault(counter, 0)
 
     @classmethod
@@ -136,8 +161,8 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
 
     async def _open(self, path: str) -> None:
         directory = os.path.dirname(path)
-        if directory:
-            await aiofiles.os.makedirs(directory, mode=self.dir_mode, exist_ok=True)
+        if directory and not await aiofiles.os.path.isdir(directory):
+            await asyncio.to_thread(make_dirs, directory, self.dir_mode)
         created = not await aiofiles.os.path.exists(path)
 
         def opener(name: str, flags: int) -> int:
@@ -145,28 +170,57 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
 
         handle = await aiofiles.open(path, "ab", buffering=0, opener=opener)
         try:
-            stat = os.fstat(handle.fileno())
+            opened = os.fstat(handle.fileno())
             if created:
                 os.fchmod(handle.fileno(), self.mode)  # exactly the configured mode, whatever the umask
         except OSError:
             await handle.close()
             raise
         self._file, self.path = handle, path
-        self._identity = (stat.st_dev, stat.st_ino)
-        self._size = stat.st_size
+        self._identity = (opened.st_dev, opened.st_ino)
+        self._regular = stat.S_ISREG(opened.st_mode)
+        self._size = opened.st_size
         if self._open_problem is not None:
             log.info("file sink %s: %s is writable again", self.context.name, path)
             self._open_problem = None
 
     async def _close_file(self) -> None:
-        handle, self._file = self._file, None
+        handle = self._file
         if handle is not None:
             try:
-                if self._dirty and self.fsync != "never":
-                    await asyncio.to_thread(os.fsync, handle.fileno())
+                if self.fsync != "never":
+                    await self._fsync()
             finally:
-                self._dirty = False
+                self._file, self._dirty = None, False
                 await handle.close()
+
+    async def _fsync(self) -> None:
+        """fsync what was written, if anything. Never raises: a failure is counted and reported
+        once per episode (the data is in the file already; a retry would duplicate it)."""
+        if not self._dirty or self._file is None:
+            return
+        try:
+            await asyncio.to_thread(os.fsync, self._file.fileno())
+        except OSError as exc:
+            self.context.counters["fsync_errors"] += 1
+            if not self._fsync_failing:
+                self._fsync_failing = True
+                self.context.report(f"file sink {self.context.name}: fsync {self.path} failed: "
+                                    f"{exc.strerror or exc}; records written may not be on disk")
+            return
+        finally:
+            self._last_fsync = time.monotonic()
+        self._dirty = False
+        self.context.counters["fsyncs"] += 1
+        if self._fsync_failing:
+            self._fsync_failing = False
+            log.info("file sink %s: fsync works again", self.context.name)
+
+    async def _fsync_later(self) -> None:
+        """``fsync = "interval"``: the last batch reaches the disk even if no batch follows."""
+        await asyncio.sleep(max(0.0, self._last_fsync + self.fsync_interval - time.monotonic()))
+        async with self._io:
+            await self._fsync()
 
     async def start(self) -> None:
         """Open the file. A path that cannot be opened yet is reported, not fatal: every batch
@@ -200,7 +254,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             await self._close_file()
             await self._open(path)
             return
-        if at_path.st_size < self._size:
+        if self._regular and at_path.st_size < self._size:
             # truncated under us (copytruncate): O_APPEND already writes at the new end
             self.context.counters["truncations"] += 1
             log.info("file sink %s: %s was truncated (%d → %d bytes); appending at its new end",
@@ -226,9 +280,10 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
 
     async def _archive(self, archive: str) -> None:
         try:
-            if self.compress:
-                await asyncio.to_thread(compress, archive, self.mode)
-            await asyncio.to_thread(prune, self.path, self.keep)
+            async with self._archiving:
+                if self.compress:
+                    await asyncio.to_thread(compress, archive, self.mode)
+                await asyncio.to_thread(prune, self.path, self.keep)
         except OSError as exc:
             self.context.counters["archive_errors"] = self.context.counters.get("archive_errors", 0) + 1
             self.context.report(f"file sink {self.context.name}: archiving {archive} failed: "
@@ -238,9 +293,15 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
 
     async def write(self, batch: Sequence[Record]) -> None:
         data = b"\n".join(record.json for record in batch) + b"\n"
+        async with self._io:
+            await self._write_locked(data)
+        if self.fsync == "interval" and self._dirty and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.create_task(self._fsync_later(), name=f"fsync {self.context.name}")
+
+    async def _write_locked(self, data: bytes) -> None:
         try:
             await self._follow_path()
-            if self.rotate_size is not None or self._boundary is not None:
+            if self._regular and (self.rotate_size is not None or self._boundary is not None):
                 await self._rotate_if_due(len(data))
             await self._write_all(data)
         except OSError as exc:
@@ -252,15 +313,12 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._dirty = True
         if self.fsync == "batch" or (self.fsync == "interval"
                                      and time.monotonic() - self._last_fsync >= self.fsync_interval):
-            await asyncio.to_thread(os.fsync, self._file.fileno())
-            self._last_fsync = time.monotonic()
-            self._dirty = False
+            await self._fsync()
 
     async def _write_all(self, data: bytes) -> None:
         """One write call for the batch (more only if the kernel takes part of it); on failure the
         partial tail is cut off so the retry writes the whole batch exactly once."""
         handle = self._file
-        start = os.fstat(handle.fileno()).st_size
         view = memoryview(data)
         try:
             while view:
@@ -270,29 +328,46 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
                 view = view[written:]
         except OSError:
             if len(view) < len(data):
-                # not possible on a non-regular file (/dev/full) or when the disk refuses even that
+                # O_APPEND put our partial bytes last, wherever the end was (even if copytruncate
+                # moved it meanwhile): cut exactly them. Only ever shrinks, so never a sparse hole.
+                # Not possible on a non-regular file (/dev/full), nor if the disk refuses even that.
                 with contextlib.suppress(OSError):
-                    os.ftruncate(handle.fileno(), start)
+                    end = os.fstat(handle.fileno()).st_size
+                    if end >= len(data) - len(view):
+                        os.ftruncate(handle.fileno(), end - (len(data) - len(view)))
             raise
 
     async def _forget_file(self) -> None:
-        """Drop the descriptor after an error so the retry reopens the path (it may be fixed)."""
-        handle, self._file = self._file, None
-        self._dirty = False
+        """Drop the descriptor after an error so the retry reopens the path (it may be fixed);
+        what was written before the error is fsynced first, as far as the disk allows."""
+        handle = self._file
         if handle is not None:
+            if self.fsync != "never":
+                await self._fsync()
+            self._file, self._dirty = None, False
             with contextlib.suppress(OSError):
                 await handle.close()
 
     async def reopen(self) -> None:
-        """SIGHUP: close and reopen the path (logrotate's postrotate)."""
-        self.context.counters["reopens"] += 1
-        await self._close_file()
-        await self._open(self.render_path())
+        """SIGHUP: close and reopen the path (logrotate's postrotate). If the path cannot be
+        opened now, SinkError says why and the next write tries again."""
+        async with self._io:
+            self.context.counters["reopens"] += 1
+            await self._close_file()
+            path = self.render_path()
+            try:
+                await self._open(path)
+            except OSError as exc:
+                raise SinkError(f"{path}: {exc.strerror or exc}") from exc
 
     async def close(self) -> None:
         """fsync and close; wait for compression of the last archive."""
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            await asyncio.gather(self._flush_task, return_exceptions=True)
         try:
-            await self._close_file()
+            async with self._io:
+                await self._close_file()
         finally:
             if self._housekeeping:
                 await asyncio.gather(*self._housekeeping, return_exceptions=True)
