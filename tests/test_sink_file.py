@@ -264,3 +264,28 @@ async def test_reopen_that_cannot_open_says_why_and_the_next_write_recovers(tmp_
     await sink.write(records[10:])  # the framework's retry
     await sink.close()
     assert read_lines(live) == [r.json for r in records[10:]]
+
+
+async def test_rotate_interval_rotates_at_the_boundary_and_skips_empty_files(tmp_path: Path) -> None:
+    """rotate_interval: the first batch after a clock boundary starts a new file; a boundary that
+    passed with an empty live file makes no empty archive."""
+    live = tmp_path / "m.ndjson"
+    sink = file_sink(live, rotate_interval="200ms")
+    await sink.start()
+    records = make_records(30)
+
+    async def past_boundary() -> None:  # waiting on the wall clock itself: nothing to await
+        assert sink._boundary is not None
+        await asyncio.sleep(max(0.0, sink._boundary - time.time()) + 0.01)
+
+    await sink.write(records[:10])
+    await past_boundary()
+    await sink.write(records[10:20])  # rotates first: records[:10] are archived
+    await past_boundary()
+    os.truncate(live, 0)  # as if empty when the boundary passed
+    await sink.write(records[20:])
+    await sink.close()
+    archives = archives_of(str(live))
+    assert sink.context.counters["rotations"] == 1 and len(archives) == 1
+    assert read_lines(Path(archives[0])) == [r.json for r in records[:10]]
+    assert read_lines(live) == [r.json for r in records[20:]]
