@@ -15,6 +15,9 @@ import orjson
 
 MEMAGENT = [sys.executable, "-m", "memagent"]
 
+#: The repository checkout (examples/ lives here).
+REPO = Path(__file__).resolve().parent.parent
+
 #: A child that allocates N MiB (touching every page), prints "ready", and waits for stdin.
 ALLOCATOR = textwrap.dedent("""
     import sys

@@ -16,6 +16,7 @@ from memagent.cli import main
 
 from bad_configs import BAD_CONFIGS
 from cli_helpers import (
+    REPO,
     assert_contiguous,
     env_with,
     parse_records,
@@ -27,7 +28,6 @@ from cli_helpers import (
     wait_for,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 PAGE = 4096
 
 

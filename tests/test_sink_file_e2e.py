@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cli_helpers import MEMAGENT, parse_records, start_agent, wait_for
+from cli_helpers import MEMAGENT, REPO, parse_records, start_agent, wait_for
 from filesink_helpers import can_mount, read_lines, seqs_anywhere, seqs_in_order, tmpfs
 
 NOBODY = 65534
@@ -104,18 +105,21 @@ def test_real_logrotate_during_a_run(mode: str, tmp_path: Path, write_config: Ca
 
 def test_tail_F_and_rsyslog_imfile_receive_every_record(tmp_path: Path,
                                                         write_config: Callable[[str], Path]) -> None:
-    """Two real tailers following by name see every line exactly once across built-in rotations."""
+    """Two real tailers following by name see every line exactly once across built-in rotations.
+
+    rsyslog runs examples/rsyslog-imfile.conf as shipped (paths replaced). A child with a 20 KB
+    command line is among the targets, so lines longer than rsyslog's default 8k limit are shipped.
+    """
     live = tmp_path / "memory.ndjson"
     tail_out = tmp_path / "tail.out"
     rsyslog_out = tmp_path / "rsyslog.out"
     conf = tmp_path / "rsyslog.conf"
     (tmp_path / "rsyslog-work").mkdir()
-    conf.write_text(
-        'module(load="imfile" mode="inotify")\n'
-        f'global(workDirectory="{tmp_path / "rsyslog-work"}")\n'
-        'template(name="raw" type="string" string="%rawmsg%\\n")\n'
-        f'ruleset(name="out") {{ action(type="omfile" file="{rsyslog_out}" template="raw") }}\n'
-        f'input(type="imfile" File="{live}" Tag="memagent" ruleset="out")\n')
+    conf.write_text((REPO / "examples/rsyslog-imfile.conf").read_text()
+                    .replace("/var/log/memagent/memory.ndjson", str(live))
+                    .replace("/var/spool/rsyslog", str(tmp_path / "rsyslog-work"))
+                    .replace("/var/log/memagent-shipped.ndjson", str(rsyslog_out)))
+    long_cmdline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *["x" * 99] * 200])
     rsyslogd = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
     config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "all"\nall = true\n'
                           f'[[sinks]]\ntype = "file"\npath = "{live}"\nrotate_size = "200KB"\nkeep = 1000\n')
@@ -137,14 +141,15 @@ def test_tail_F_and_rsyslog_imfile_receive_every_record(tmp_path: Path,
         wait_for(lambda: delivered(tail_out)[-1:] == [final] and delivered(rsyslog_out)[-1:] == [final],
                  timeout=30)
     finally:
-        for tailer in tailers:
-            tailer.terminate()
-            tailer.wait(timeout=10)
+        for child in [*tailers, long_cmdline]:
+            child.terminate()
+            child.wait(timeout=10)
     rotations = len(list(tmp_path.glob("memory.ndjson.*")))
     print(f"\n{final} records across {rotations} rotations: tail -F and rsyslog imfile got all")
     assert rotations >= 4
     assert delivered(tail_out) == expected
     assert delivered(rsyslog_out) == expected
+    assert max(map(len, tail_out.read_bytes().splitlines())) > 20_000
 
 
 def test_dev_full_counts_drops_and_spares_stdout(write_config: Callable[[str], Path]) -> None:

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import env_with, run_cli
-
-REPO = Path(__file__).resolve().parent.parent
+from cli_helpers import REPO, env_with, run_cli
 
 
 @pytest.fixture(scope="module")
