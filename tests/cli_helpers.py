@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,11 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 MEMAGENT = [sys.executable, "-m", "memagent"]
 
 #: The repository checkout (examples/ lives here).
 REPO = Path(__file__).resolve().parent.parent
+
+def system_tool(command: str, package: str) -> str:
+    """The path of a Debian tool a test drives for real, or a skip naming the package to install.
+    ``bash .ci/run`` installs every package in .ci/apt-packages first, so CI never skips here."""
+    found = shutil.which(command) or next(
+        (path for path in (f"/usr/sbin/{command}", f"/usr/bin/{command}") if os.access(path, os.X_OK)), None)
+    if found is None:
+        pytest.skip(f"{command} is not installed (apt-get install {package}; bash .ci/run does)")
+    return found
+
 
 #: A child that allocates N MiB (touching every page), prints "ready", and waits for stdin.
 ALLOCATOR = textwrap.dedent("""

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cli_helpers import MEMAGENT, REPO, parse_records, start_agent, wait_for
+from cli_helpers import MEMAGENT, REPO, parse_records, start_agent, system_tool, wait_for
 from filesink_helpers import can_mount, read_lines, seqs_anywhere, seqs_in_order, tmpfs
 
 NOBODY = 65534
@@ -68,7 +68,7 @@ def test_dozens_of_rotations_lose_and_repeat_nothing(tmp_path: Path,
 def test_real_logrotate_during_a_run(mode: str, tmp_path: Path, write_config: Callable[[str], Path]) -> None:
     """logrotate rotates the live file 10 times under load: create mode loses and repeats nothing
     (with or without SIGHUP); copytruncate repeats nothing and loses only its own copy window."""
-    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    logrotate = system_tool("logrotate", "logrotate")
     logs = tmp_path / "logs"
     live = logs / "memory.ndjson"
     config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\nfsync = "never"\n')
@@ -119,8 +119,8 @@ def test_tail_F_and_rsyslog_imfile_receive_every_record(tmp_path: Path,
                     .replace("/var/log/memagent/memory.ndjson", str(live))
                     .replace("/var/spool/rsyslog", str(tmp_path / "rsyslog-work"))
                     .replace("/var/log/memagent-shipped.ndjson", str(rsyslog_out)))
+    rsyslogd = system_tool("rsyslogd", "rsyslog")
     long_cmdline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *["x" * 99] * 200])
-    rsyslogd = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
     config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "all"\nall = true\n'
                           f'[[sinks]]\ntype = "file"\npath = "{live}"\nrotate_size = "200KB"\nkeep = 1000\n')
     agent = start_agent(config)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import start_agent
+from cli_helpers import start_agent, system_tool
 
 TOKEN = "e2e-token-5f1c"  # noqa: S105 - a test token, asserted never to appear in the logs
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -86,11 +85,10 @@ def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: Feed,
                                                   tmp_path: Path) -> None:
     """Headless Chromium opens /dashboard: it goes live, counts records, charts the process, updates."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed")
+    chromium = system_tool("chromium", "chromium")
     agent, port, _ = feed_agent
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 640})
             page.goto(f"http://127.0.0.1:{port}/dashboard?token={TOKEN}")
