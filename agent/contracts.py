@@ -21,9 +21,11 @@ Sink
     and the coroutines ``start()``, ``write(batch)``, ``close()``. ``write`` is never called
     concurrently with itself; ``close`` is called once, after the last ``write`` has finished.
     A sink raises :class:`~memagent.errors.SinkError` when a batch could not be written; it is
-    retried with backoff. It may also define a coroutine ``reopen()``, called between writes on
-    SIGHUP (logrotate's signal), and may keep counters in ``context.counters``, which the agent
-    reports under the sink's name in ``agent`` records.
+    retried with backoff. It raises :class:`~memagent.errors.SinkClosed` when it never can again
+    (its reader left): no retry, its records are counted as dropped. It may also define a
+    coroutine ``reopen()``, called between writes on SIGHUP (logrotate's signal), and may keep
+    counters in ``context.counters``, which the agent reports under the sink's name in ``agent``
+    records.
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ class Sink(Protocol):
         ...
 
     async def write(self, batch: Sequence[Record]) -> None:
-        """Deliver a batch, or raise SinkError to have the same batch retried later."""
+        """Deliver a batch, or raise SinkError to have the same batch retried later, or
+        SinkClosed if this sink can never write again (no retry; the rest is counted dropped)."""
         ...
 
     async def close(self) -> None:

@@ -9,6 +9,9 @@ The tree, and what happens next when each is raised::
     │                         the others still load (exit 2 if the config names it)
     ├── SinkError             a sink could not write a batch; the framework keeps the batch,
     │                         reports once per episode, and retries with backoff
+    │   └── SinkClosed        the sink's destination is gone for good (stdout's reader left):
+    │                         no retry; its records are counted as dropped; when every sink
+    │                         is closed the agent stops, exit 1
     └── ProcessError          one process could not be sampled; becomes one record, never a crash
         ├── ProcessGone       (also ProcessLookupError) the process exited: an ``exit`` record
         └── ProcessDenied     (also PermissionError) not allowed to read it: one ``error`` record
@@ -56,6 +59,12 @@ class PluginLoadError(PluginError):
 class SinkError(MemagentError):
     """A sink could not write a batch right now. The framework retries the same batch
     with backoff; the sink should raise this (not crash) for disk-full, refused, etc."""
+
+
+class SinkClosed(SinkError):
+    """The sink can never write again (the reader of stdout closed the pipe), so retrying is
+    pointless. The framework stops calling ``write``, counts the batch and every later record
+    for this sink as dropped, and logs it once; when every sink is closed the agent stops."""
 
 
 class ProcessError(MemagentError):

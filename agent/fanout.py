@@ -10,6 +10,10 @@ Guarantees:
   (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`); the failure is logged once per episode
   and the recovery once. Meanwhile new records wait in the queue under its ``when_full`` policy.
 - ``write`` is never called concurrently with itself, and ``close`` only after the last write.
+- A sink that raises :class:`~memagent.errors.SinkClosed` (its destination is gone for good)
+  is not retried: that batch, what is queued and every later record for it are counted as
+  dropped, one error line says so, and :meth:`Fanout.every_sink_closed` lets the agent stop
+  when no sink is left.
 - On :meth:`Outlet.drain` the queue is delivered until empty or the deadline passes; what is
   still undelivered then is counted as dropped and logged as one error line.
 
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from memagent.contracts import Record, Sink
+from memagent.errors import SinkClosed
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class Outlet:
         self._inflight = 0
         self._dropping = False
         self._failing = False
+        self.closed = asyncio.Event()  # set once the sink raised SinkClosed
+        self.closed_reason: str | None = None
         self.written = 0
         self.dropped = 0
         self.failures = 0
@@ -94,6 +101,9 @@ class Outlet:
     def offer(self, record: Record) -> None:
         """Queue without waiting, applying ``drop_oldest`` / ``drop_newest`` when full.
         (For ``block`` outlets use :meth:`put`.)"""
+        if self.closed_reason is not None:
+            self.dropped += 1  # logged once when the sink closed; counted in agent records
+            return
         if len(self._queue) >= self.capacity:
             if self.when_full == "drop_newest":
                 self._count_drop(1, "queue full")
@@ -141,6 +151,8 @@ class Outlet:
             self._inflight = count
             await self._write_with_retry(batch)
             self._inflight = 0
+            if self.closed_reason is not None:
+                return
 
     async def _call_reopen(self) -> None:
         reopen = getattr(self.sink, "reopen", None)
@@ -159,6 +171,9 @@ class Outlet:
                 await self.sink.write(batch)
             except asyncio.CancelledError:
                 raise
+            except SinkClosed as exc:
+                self._close_for_good(len(batch), _describe(exc))
+                return
             except Exception as exc:  # noqa: BLE001 - a sink's failure must never stop the agent
                 self.failures += 1
                 if not self._failing:
@@ -174,6 +189,15 @@ class Outlet:
                 log.warning("sink %s: writing again after %d failed attempts", self.name, self.failures)
             self.written += len(batch)
             return
+
+    def _close_for_good(self, unwritten: int, why: str) -> None:
+        self.closed_reason = why
+        lost = unwritten + len(self._queue)
+        self._queue.clear()
+        self.dropped += lost
+        self.closed.set()
+        log.error("sink %s: closed for good: %s; %d records dropped, and every later record for "
+                  "it is dropped too (counted in agent records)", self.name, why, lost)
 
     async def drain(self, deadline: float) -> None:
         """Deliver what is queued (until ``deadline``, a ``time.monotonic()`` value), then close
@@ -231,6 +255,11 @@ class Fanout:
         """See :meth:`Outlet.unblock`."""
         for outlet in self.outlets:
             outlet.unblock()
+
+    async def every_sink_closed(self) -> str:
+        """Wait until every sink has closed for good; say why, one reason per sink."""
+        await asyncio.gather(*(outlet.closed.wait() for outlet in self.outlets))
+        return "; ".join(f"{outlet.name}: {outlet.closed_reason}" for outlet in self.outlets)
 
     def stats(self) -> dict[str, Any]:
         return {outlet.name: outlet.stats() for outlet in self.outlets}

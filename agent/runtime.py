@@ -34,6 +34,11 @@ class StartupError(MemagentError):
     """The agent could not start (a sink failed to open); nothing is running. Exit 1."""
 
 
+class EverySinkClosed(MemagentError):
+    """Every sink closed for good (``memagent run | head``): nothing can be delivered, so the
+    agent stopped. Raised after the drain; exit 1."""
+
+
 @dataclass
 class Agent:
     """A built agent; :meth:`run` it once."""
@@ -71,8 +76,19 @@ class Agent:
         await stop.wait()
         self.fanout.unblock()
 
+    async def _stop_if_every_sink_closes(self, stop: asyncio.Event) -> None:
+        closing = asyncio.ensure_future(self.fanout.every_sink_closed())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({closing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (closing, stopping):
+            waiter.cancel()
+        if closing.done() and not closing.cancelled():
+            log.info("no sink can take records any more; stopping")
+            stop.set()
+
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
-        """Run until ``stop`` is set (or one round with ``once``), then drain and close."""
+        """Run until ``stop`` is set (or one round with ``once``), then drain and close.
+        Raises :class:`EverySinkClosed` afterwards if no sink could take records any more."""
         started = time.monotonic()
         await self._start_outlets()
         try:
@@ -83,6 +99,7 @@ class Agent:
             else:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._unblock_on(stop))
+                    group.create_task(self._stop_if_every_sink_closes(stop))
                     for interval, watches in self.scheduler.groups().items():
                         group.create_task(self.scheduler.tick_forever(interval, watches, stop))
                     group.create_task(self.scheduler.rescan_forever(self.config.agent.rescan, stop))
@@ -94,6 +111,9 @@ class Agent:
             self.backend.close()
             dropped = sum(o.dropped for o in self.fanout.outlets)
             log.info("stopped: %d records made, %d dropped", self.maker.last_seq, dropped)
+        reasons = [f"{o.name}: {o.closed_reason}" for o in self.fanout.outlets if o.closed_reason is not None]
+        if reasons and len(reasons) == len(self.fanout.outlets):
+            raise EverySinkClosed(f"every sink closed for good ({'; '.join(reasons)}); stopped")
 
     async def _start_outlets(self) -> None:
         started: list[Outlet] = []

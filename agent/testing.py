@@ -104,7 +104,8 @@ class FakeBackend:
 class RecordingSink:
     """A sink that keeps every batch it is given, for assertions.
 
-    ``fail_next`` makes that many following writes raise SinkError; ``gate`` (an Event) when
+    ``fail_next`` makes that many following writes raise SinkError; ``gone`` makes every
+    following write raise SinkClosed (the destination left for good); ``gate`` (an Event) when
     cleared makes writes wait until it is set (a stalled sink). Lifecycle calls are recorded.
     """
 
@@ -117,6 +118,7 @@ class RecordingSink:
         self.batches: list[list[Record]] = []
         self.calls: list[str] = []
         self.fail_next = 0
+        self.gone = False
         self.gate = asyncio.Event()
         self.gate.set()
 
@@ -133,10 +135,12 @@ class RecordingSink:
         self.calls.append("start")
 
     async def write(self, batch: Sequence[Record]) -> None:
-        from memagent.errors import SinkError
+        from memagent.errors import SinkClosed, SinkError
 
         self.calls.append("write")
         await self.gate.wait()
+        if self.gone:
+            raise SinkClosed("injected: the reader left")
         if self.fail_next:
             self.fail_next -= 1
             raise SinkError("injected failure")

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from memagent.cli import main
 
 from bad_configs import BAD_CONFIGS
 from cli_helpers import (
+    MEMAGENT,
     REPO,
     assert_contiguous,
     env_with,
@@ -160,6 +164,59 @@ def test_signal_stops_gracefully_and_flushes(signum: int, write_config: Callable
     assert_contiguous(records)
     assert records[-1]["type"] == "agent"
     assert records[-1]["agent"]["sinks"]["stdout"]["dropped"] == 0
+
+
+def test_piped_into_head_stops_with_one_line_when_the_reader_leaves(
+        tmp_path: Path, write_config: Callable[[str], Path]) -> None:
+    """`memagent run | head -n 3`: once head exits, the agent stops by itself (exit 1), with one
+    error line, no traceback, no 'Exception ignored' at interpreter exit."""
+    config = write_config('[agent]\ninterval = "20ms"\n[[targets]]\nname = "me"\nself = true\n')
+    stderr = tmp_path / "stderr"
+    pipeline = (f"{shlex.join(MEMAGENT)} run {config} 2>{stderr} | head -n 3; "
+                'echo "${PIPESTATUS[0]}"')
+    started = time.monotonic()
+    result = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=60, check=True)
+    elapsed = time.monotonic() - started
+    *lines, status = result.stdout.splitlines()
+    err = stderr.read_text()
+    print(f"\nhead -n 3: agent stopped after {elapsed:.1f} s, exit {status}")
+    assert [orjson.loads(line)["seq"] for line in lines] == [1, 2, 3]
+    assert status == "1"
+    errors = [line for line in err.splitlines() if line.startswith("memagent: error:")]
+    assert errors == ["memagent: error: every sink closed for good (stdout: the reader of stdout "
+                      "closed the pipe); stopped"]
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_stdout_closing_leaves_the_other_sinks_running(tmp_path: Path,
+                                                       write_config: Callable[[str], Path]) -> None:
+    """stdout + file: the stdout reader leaves; the file keeps receiving every record, the agent
+    keeps running until SIGTERM (exit 0), and stdout's lost records are counted in agent records."""
+    live = tmp_path / "memory.ndjson"
+    config = write_config('[agent]\ninterval = "20ms"\nstats_interval = "200ms"\n'
+                          '[[targets]]\nname = "me"\nself = true\n'
+                          f'[[sinks]]\ntype = "stdout"\n[[sinks]]\ntype = "file"\npath = "{live}"\n')
+    agent = start_agent(config)
+    assert agent.stdout is not None and agent.stderr is not None
+    assert b'"start"' in agent.stdout.readline()
+    agent.stdout.close()
+    wait_for(lambda: live.exists() and _stdout_dropped(live) > 20)
+    assert agent.poll() is None, "the agent must keep running for its file sink"
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=20) == 0
+    err = agent.stderr.read().decode()
+    records = parse_records(live.read_text())
+    assert_contiguous(records)
+    final = records[-1]
+    stdout_stats = final["agent"]["sinks"]["stdout"]
+    assert stdout_stats["written"] + stdout_stats["dropped"] + stdout_stats["queued"] == final["seq"] - 1
+    assert err.count("closed for good") == 1 and "Traceback" not in err
+
+
+def _stdout_dropped(live: Path) -> int:
+    """stdout's ``dropped`` in the newest agent record of the file sink's output (0 if none yet)."""
+    agents = [r for r in parse_records(live.read_text()) if r["type"] == "agent"]
+    return int(agents[-1]["agent"]["sinks"]["stdout"]["dropped"]) if agents else 0
 
 
 def test_duration_stops_the_run(write_config: Callable[[str], Path]) -> None:

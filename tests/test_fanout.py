@@ -98,6 +98,45 @@ async def test_failed_batch_is_retried_and_reported_once(caplog: pytest.LogCaptu
     assert sum("writing again" in m for m in caplog.messages) == 1
 
 
+async def test_a_sink_closed_for_good_is_not_retried_and_its_records_are_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SinkClosed: one write attempt, one error line; that batch, the queue and every later record
+    are counted as dropped; the other sink gets everything; every_sink_closed waits for both."""
+    gone, healthy = RecordingSink(), RecordingSink()
+    gone.gone = True
+    fanout = Fanout([outlet(gone, name="gone", batch=5), outlet(healthy, name="ok", batch=5)])
+    for out in fanout.outlets:
+        await out.start()
+    records = make_records(30)
+    with caplog.at_level(logging.INFO):
+        await _publish_all(fanout, records[:10])
+        await asyncio.wait_for(fanout.outlets[0].closed.wait(), 5)
+        await _publish_all(fanout, records[10:])
+        waiting = asyncio.ensure_future(fanout.every_sink_closed())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the healthy sink is still open
+        waiting.cancel()
+        await fanout.drain(5)
+    closed, ok = fanout.outlets
+    assert gone.calls.count("write") == 1 and closed.failures == 0 and closed.retries == 0
+    assert closed.dropped == 30 and closed.written == 0 and closed.queued == 0
+    assert sum("closed for good" in m for m in caplog.messages) == 1
+    assert [r.seq for r in healthy.records] == list(range(1, 31)) and ok.dropped == 0
+    assert gone.calls[-1] == "close"
+
+
+async def test_every_sink_closed_says_why() -> None:
+    """When the last open sink closes for good, every_sink_closed returns each one's reason."""
+    fanout = Fanout([outlet(RecordingSink(), name=name) for name in ("a", "b")])
+    for out in fanout.outlets:
+        out.sink.gone = True  # type: ignore[attr-defined]
+        await out.start()
+    await _publish_all(fanout, make_records(2))
+    reasons = await asyncio.wait_for(fanout.every_sink_closed(), 5)
+    assert reasons == "a: injected: the reader left; b: injected: the reader left"
+    await fanout.drain(5)
+
+
 async def test_a_stalled_sink_does_not_slow_another() -> None:
     """One sink stuck forever; the other receives everything and the publisher never waits."""
     stuck, healthy = RecordingSink(), RecordingSink()

@@ -2,20 +2,22 @@
 
 Writes happen in a worker thread, so a slow reader on the other end of a pipe never blocks the
 event loop (the outlet's queue and ``when_full`` absorb it instead). A closed pipe
-(``memagent run | head``) raises :class:`~memagent.errors.SinkError`: the records are counted as
-undelivered like any failing sink's, never silently lost.
+(``memagent run | head``) raises :class:`~memagent.errors.SinkClosed`: no reader will come back,
+so the framework stops writing here and counts the rest as dropped (never silently lost); if it
+was the only sink, the agent stops with exit 1. Other write errors are retried with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO, ClassVar
 
 from memagent.contracts import Record, SinkContext
-from memagent.errors import SinkError
+from memagent.errors import SinkClosed, SinkError
 from memagent.options import Options
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -93,10 +95,22 @@ type = "stdout"
     async def write(self, batch: Sequence[Record]) -> None:
         try:
             await asyncio.to_thread(self._write, self._encode(batch))
-        except (BrokenPipeError, ValueError) as exc:  # ValueError: stream closed
-            raise SinkError(f"stdout closed: {exc}") from exc
+        except BrokenPipeError as exc:
+            self._discard_unflushed()
+            raise SinkClosed("the reader of stdout closed the pipe") from exc
+        except ValueError as exc:  # the stream object was closed
+            raise SinkClosed(f"stdout is closed: {exc}") from exc
         except OSError as exc:
             raise SinkError(f"stdout: {exc.strerror or exc}") from exc
+
+    def _discard_unflushed(self) -> None:
+        """Point the process's stdout at /dev/null, so the bytes still buffered for the closed
+        pipe cannot raise again when the interpreter flushes stdout at exit."""
+        if self._stream is sys.stdout.buffer:
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
 
     async def close(self) -> None:
         if self._stream is not None:
