@@ -18,7 +18,7 @@ import pytest
 from memagent.contracts import Failure, Gone, Reading
 from memagent.errors import ConfigError
 from memagent.options import Options
-from memagent.plugins.backends.linux import LinuxBackend, parse_stat
+from memagent.plugins.backends.linux import LinuxBackend, parse_stat, pick_cgroup
 
 from cli_helpers import parse_records, ps_rss_vsz, run_cli, spawn_allocator, stop_child
 from procfs_fixture import (
@@ -53,8 +53,27 @@ def test_fixture_tree_lists_every_readable_process_with_its_details() -> None:
     assert (kthread.cmdline, kthread.exe, kthread.user, kthread.cgroup) == ((), None, "root", "/")
     sd_pam = listed[7]
     assert (sd_pam.name, sd_pam.ppid, sd_pam.user) == ("(sd-pam)", 1, "4242")  # no passwd entry: the uid
-    assert listed[300].cgroup == "/legacy/app"  # cgroup v1 only: the first line's path
+    assert listed[300].cgroup == "/legacy/app"  # cgroup v1 only: the memory controller's path
     assert (listed[400].user, listed[400].cgroup) == (None, None)  # no Uid line, no cgroup file
+
+
+@pytest.mark.parametrize(("cgroup_file", "expected"), [
+    ("0::/system.slice/nginx.service\n", "/system.slice/nginx.service"),  # v2
+    ("0::/\n", "/"),  # v2, in the root (kernel threads)
+    # v1 (RHEL 7): the first line is a controller that places everything in the root
+    ("11:hugetlb:/\n10:memory:/system.slice/api.service\n2:cpu,cpuacct:/system.slice/api.service\n"
+     "1:name=systemd:/system.slice/api.service\n", "/system.slice/api.service"),
+    # hybrid systemd: the v2 line carries the unit
+    ("12:memory:/system.slice/api.service\n1:name=systemd:/system.slice/api.service\n"
+     "0::/system.slice/api.service\n", "/system.slice/api.service"),
+    # hybrid container runtime: v2 is a bare root, the memory controller holds the placement
+    ("9:name=systemd:/\n4:memory:/process_api/8a47\n1:cpu:/\n0::/\n", "/process_api/8a47"),
+    ("5:pids:/x\n1:name=systemd:/user.slice/u.scope\n", "/user.slice/u.scope"),  # no memory line
+    ("", None),
+])
+def test_pick_cgroup_chooses_the_path_that_places_the_process(cgroup_file: str, expected: str | None) -> None:
+    """The cgroup selector matches v2's path, or v1's memory path where v2 says nothing."""
+    assert pick_cgroup(cgroup_file) == expected
 
 
 def test_fixture_normal_process_reads_statm_times_page_size_and_rollup_in_bytes() -> None:
@@ -287,6 +306,22 @@ def test_cli_on_the_fixture_tree_reports_each_problem_once(
     assert nginx[-1]["portable"] == {"rss": 2304 * PAGE, "vms": 25600 * PAGE}
     assert nginx[-1]["full"] == {"uss": 6144 * 1024, "pss": 6144 * 1024, "swap": 512 * 1024}
     assert sorted(errors) == [(400, "read_error"), (500, "full_unreadable")]
+
+
+@pytest.mark.parametrize(("pattern", "pids"), [
+    ("/system.slice/*", {1}),  # v2
+    ("/legacy/*", {300}),  # v1 only: its memory controller's path
+    ("/user.slice/*/user@4242.service/*", {7}),
+])
+def test_cli_cgroup_selector_on_the_fixture_tree(pattern: str, pids: set[int],
+                                                 write_config: Callable[[str], Path]) -> None:
+    """`cgroup = "<glob>"` through `memagent run --once` samples exactly the processes placed there."""
+    config = write_config(f'[backends.linux]\nprocfs = "{FIXTURE_PROC}"\n'
+                          f'[[targets]]\nname = "unit"\ncgroup = "{pattern}"\n')
+    result = run_cli("run", str(config), "--once")
+    assert result.returncode == 0, result.stderr
+    samples = [r for r in parse_records(result.stdout) if r["type"] == "sample"]
+    assert {r["pid"] for r in samples} == pids
 
 
 FD_LIMIT_PROBE = """

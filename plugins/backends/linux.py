@@ -80,6 +80,29 @@ def parse_rollup(data: bytes) -> dict[str, int]:
     return {"uss": uss * 1024, "pss": pss * 1024, "swap": swap * 1024}
 
 
+def pick_cgroup(text: str) -> str | None:
+    """The one cgroup path a ``cgroup`` selector matches, from ``/proc/<pid>/cgroup``.
+
+    cgroup v2 (``0::<path>``) when it places the process below the root. Otherwise (cgroup v1,
+    or a hybrid host whose v2 line is a bare ``/`` while v1 hierarchies hold the real placement)
+    the v1 ``memory`` controller's path, the one that accounts this process's memory; then
+    ``name=systemd``'s; then whatever path there is. ``None`` for an empty file.
+    """
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") or [""]:
+                paths.setdefault(controller, parts[2])
+    unified = paths.get("")
+    if unified is not None and unified != "/":
+        return unified
+    for controller in ("memory", "name=systemd"):
+        if controller in paths:
+            return paths[controller]
+    return unified if unified is not None else next(iter(paths.values()), None)
+
+
 def read_whole(path: str) -> bytes:
     """A procfs file's bytes with one open and as few reads as it takes."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -155,14 +178,9 @@ class LinuxBackend:
 
     def _cgroup(self, pid: int) -> str | None:
         try:
-            lines = self._read(pid, "cgroup").splitlines()
+            return pick_cgroup(self._read(pid, "cgroup"))
         except OSError:
             return None
-        for line in lines:
-            if line.startswith("0::"):
-                return line[3:]
-        first = lines[0].split(":", 2) if lines else []
-        return first[2] if len(first) == 3 else None
 
     def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
         pid = identity[0]
