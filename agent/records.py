@@ -92,6 +92,8 @@ class RecordMaker:
             body["exe"] = info.exe
         if info.user is not None:
             body["user"] = info.user
+        if info.cgroup is not None:
+            body["cgroup"] = info.cgroup
         return self._finish("start", target, info.pid, body, ts)
 
     def exit(self, target: str, info: ProcessInfo, ts: str) -> Record:

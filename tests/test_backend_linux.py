@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -320,8 +321,10 @@ def test_cli_cgroup_selector_on_the_fixture_tree(pattern: str, pids: set[int],
                           f'[[targets]]\nname = "unit"\ncgroup = "{pattern}"\n')
     result = run_cli("run", str(config), "--once")
     assert result.returncode == 0, result.stderr
-    samples = [r for r in parse_records(result.stdout) if r["type"] == "sample"]
-    assert {r["pid"] for r in samples} == pids
+    records = parse_records(result.stdout)
+    assert {r["pid"] for r in records if r["type"] == "sample"} == pids
+    starts = [r for r in records if r["type"] == "start"]
+    assert all(fnmatch.fnmatchcase(r["cgroup"], pattern) for r in starts) and len(starts) == len(pids)
 
 
 FD_LIMIT_PROBE = """
