@@ -1,19 +1,37 @@
 """Fakes shaped exactly like psutil's per-OS named tuples, and a tiny fake psutil module.
 
 Field lists are psutil 7's (`_pslinux.py`, `_psosx.py`, `_pswindows.py`, `_psbsd.py`,
-`_pssunos.py`, `_psaix.py`), plus psutil 8's slimmer shapes, which drop `lib`/`dirty` (Linux),
-`pfaults`/`pageins` (macOS) and the pool fields (Windows).
+`_pssunos.py`, `_psaix.py`), plus the shapes of psutil's next major version as merged on its main
+branch (giampaolo/psutil PRs #2737 and #2740, March 2026; not on PyPI as of 7.2.2): Linux drops
+`lib`/`dirty`; macOS drops `pfaults`/`pageins`; Windows renames `wset` → `rss`, `peak_wset` →
+`peak_rss`, `pagefile` → `vms`, `peak_pagefile` → `peak_vms`, `private` → `vms`, keeping the old
+names as attributes that raise DeprecationWarning; `memory_full_info()` is deprecated in favour of
+`memory_footprint()` (uss, pss, swap).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import namedtuple
 from typing import Any
 
 WINDOWS_FIELDS = ["rss", "vms", "num_page_faults", "peak_wset", "wset", "peak_paged_pool",
                   "paged_pool", "peak_nonpaged_pool", "nonpaged_pool", "pagefile", "peak_pagefile",
                   "private"]
-WINDOWS_POOLS = ["peak_paged_pool", "paged_pool", "peak_nonpaged_pool", "nonpaged_pool"]
+WINDOWS_RENAMED = {"wset": "rss", "peak_wset": "peak_rss", "pagefile": "vms", "peak_pagefile": "peak_vms",
+                   "private": "vms"}
+
+
+def with_deprecated_aliases(shape: Any, aliases: dict[str, str]) -> Any:
+    """``shape`` plus read-only attributes under old names that warn, as psutil does for renames."""
+    def alias(new: str) -> property:
+        def read(self: Any) -> Any:
+            warnings.warn(f"use {new} instead", DeprecationWarning, stacklevel=2)
+            return getattr(self, new)
+        return property(read)
+    members = {old: alias(new) for old, new in aliases.items()}
+    return type(shape.__name__, (shape,), {"__slots__": (), **members})
+
 
 PMEM: dict[str, Any] = {
     "linux": namedtuple("pmem", "rss vms shared text lib data dirty"),
@@ -28,7 +46,14 @@ PMEM: dict[str, Any] = {
 PMEM_PSUTIL8: dict[str, Any] = {
     "linux": namedtuple("pmem", "rss vms shared text data"),
     "darwin": namedtuple("pmem", "rss vms"),
-    "windows": namedtuple("pmem", [f for f in WINDOWS_FIELDS if f not in WINDOWS_POOLS]),
+    "windows": with_deprecated_aliases(
+        namedtuple("pmem", ["rss", "vms", "num_page_faults", "peak_rss", "peak_paged_pool", "paged_pool",
+                            "peak_nonpaged_pool", "nonpaged_pool", "peak_vms"]), WINDOWS_RENAMED),
+}
+PFOOTPRINT_PSUTIL8: dict[str, Any] = {
+    "linux": namedtuple("pfootprint", "uss pss swap"),
+    "darwin": namedtuple("pfootprint", "uss"),
+    "windows": namedtuple("pfootprint", "uss"),
 }
 PFULLMEM: dict[str, Any] = {
     "linux": namedtuple("pfullmem", PMEM["linux"]._fields + ("uss", "pss", "swap")),
@@ -85,6 +110,20 @@ class FakeProcess:
         return entry["pmem"]
 
     def memory_full_info(self) -> Any:
+        if self.module.major >= 8:
+            warnings.warn("memory_full_info() is deprecated; use memory_footprint()", DeprecationWarning,
+                          stacklevel=2)
+        entry = self._entry()
+        if isinstance(entry.get("raise_full"), Exception):
+            raise entry["raise_full"]
+        return entry["pfullmem"]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "memory_footprint" and self.module.major >= 8:
+            return self._memory_footprint
+        raise AttributeError(name)
+
+    def _memory_footprint(self) -> Any:
         entry = self._entry()
         if isinstance(entry.get("raise_full"), Exception):
             raise entry["raise_full"]
@@ -100,7 +139,8 @@ class FakePsutil:
 
     Error, NoSuchProcess, ZombieProcess, AccessDenied = Error, NoSuchProcess, ZombieProcess, AccessDenied
 
-    def __init__(self) -> None:
+    def __init__(self, major: int = 7) -> None:
+        self.major = major  # 8: memory_footprint() exists and memory_full_info() warns
         self.table: dict[int, dict[str, Any]] = {}
 
     def add(self, pid: int, pmem: Any, pfullmem: Any = None, **extra: Any) -> None:

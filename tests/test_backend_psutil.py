@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ from memagent.plugins.backends.linux import LinuxBackend
 from memagent.plugins.backends.psutil import PLATFORM_FIELDS, PsutilBackend, map_full, map_memory, os_name
 
 from cli_helpers import parse_records, ps_rss_vsz, run_cli, spawn_allocator, stop_child
-from fake_psutil import PFULLMEM, PMEM, PMEM_PSUTIL8, AccessDenied, FakePsutil, ZombieProcess, fill
+from fake_psutil import (
+    PFOOTPRINT_PSUTIL8,
+    PFULLMEM,
+    PMEM,
+    PMEM_PSUTIL8,
+    AccessDenied,
+    FakePsutil,
+    ZombieProcess,
+    fill,
+)
 
 SEED_TABLE = {  # shared/seed/README.md, verbatim
     "linux": {"shared", "text", "lib", "data", "dirty"},
@@ -45,14 +55,49 @@ def test_platform_fields_are_exactly_the_seed_table(os: str) -> None:
         assert portable == {"rss": pmem.rss, "vms": pmem.vms}
 
 
-@pytest.mark.parametrize("os", sorted(PMEM_PSUTIL8))
-def test_psutil8_tuples_omit_missing_fields_never_fake_them(os: str) -> None:
-    """psutil 8 drops fields; they are absent from platform, not zero."""
+@pytest.mark.parametrize("os", ["linux", "darwin"])
+def test_fields_a_newer_psutil_dropped_are_omitted_never_faked(os: str) -> None:
+    """psutil's next major version drops lib/dirty (Linux), pfaults/pageins (macOS): absent, not 0."""
     pmem = fill(PMEM_PSUTIL8[os])
     _, platform = map_memory(os, pmem)
     assert set(platform) == SEED_TABLE[os] & set(pmem._fields)
     dropped = SEED_TABLE[os] - set(pmem._fields)
     assert dropped and not dropped & set(platform)
+
+
+def test_windows_fields_a_newer_psutil_renamed_keep_the_seed_names() -> None:
+    """wset/peak_wset/pagefile/peak_pagefile/private, renamed by psutil, are read from the new names
+    (never through psutil's deprecated aliases), so records look the same under either version."""
+    pmem = fill(PMEM_PSUTIL8["windows"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        portable, platform = map_memory("windows", pmem)
+    assert set(platform) == SEED_TABLE["windows"]
+    assert portable == {"rss": pmem.rss, "vms": pmem.vms}
+    assert (platform["wset"], platform["peak_wset"]) == (pmem.rss, pmem.peak_rss)
+    assert (platform["pagefile"], platform["peak_pagefile"]) == (pmem.vms, pmem.peak_vms)
+    assert platform["private"] == pmem.vms
+    assert platform["num_page_faults"] == pmem.num_page_faults and platform["paged_pool"] == pmem.paged_pool
+    with pytest.warns(DeprecationWarning):  # the fake does warn, so the check above can fail
+        assert pmem.wset == pmem.rss
+
+
+@pytest.mark.parametrize("os", ["linux", "darwin", "windows"])
+def test_a_newer_psutil_samples_full_through_memory_footprint(os: str) -> None:
+    """Where psutil has memory_footprint(), full comes from it and the deprecated
+    memory_full_info() is never called (it warns; warnings are errors here)."""
+    fake = FakePsutil(major=8)
+    fake.add(9, fill(PMEM_PSUTIL8[os]), fill(PFOOTPRINT_PSUTIL8[os], base=5000))
+    backend = backend_for(os, fake)
+    identities = [p.identity for p in backend.list_processes()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        [reading] = backend.sample(identities, full=True)
+    assert isinstance(reading, Reading)
+    footprint = fill(PFOOTPRINT_PSUTIL8[os], base=5000)
+    assert reading.full == {f: getattr(footprint, f) for f in footprint._fields}
+    with pytest.warns(DeprecationWarning):
+        fake.Process(9).memory_full_info()
 
 
 @pytest.mark.parametrize(("os", "expected"), [

@@ -4,10 +4,13 @@ and Linux when forced with ``backend = "psutil"``.
 Mapping (the seed's table; :data:`PLATFORM_FIELDS`): ``portable`` is ``rss`` and ``vms`` — on
 Windows ``wset`` and ``pagefile``, which psutil also names ``rss`` and ``vms``. ``platform`` holds
 exactly that OS's ``memory_info()`` fields beyond rss/vms *that the installed psutil returns*:
-psutil versions whose tuples lack a field (psutil 8 drops ``lib``/``dirty``, ``pfaults``/``pageins``
-and the Windows pool fields) simply omit it — never a faked 0. ``full`` maps
-``memory_full_info()``'s ``uss``, ``pss``, ``swap``, again only those present (macOS and Windows
-have ``uss`` only).
+a field the installed psutil no longer has (its next major version drops Linux's ``lib``/``dirty``
+and macOS's ``pfaults``/``pageins``) is omitted — never a faked 0. Fields psutil merely renamed
+(Windows: ``wset`` → ``rss``, ``peak_wset`` → ``peak_rss``, ``pagefile`` → ``vms``,
+``peak_pagefile`` → ``peak_vms``, ``private`` → ``vms``; :data:`RENAMED`) keep the seed's names in
+records, read from the new name without touching psutil's deprecated aliases. ``full`` maps
+``uss``, ``pss``, ``swap``, only those present (macOS and Windows have ``uss`` only), from
+``memory_footprint()`` where psutil has it, else ``memory_full_info()``.
 
 Identity checks: a cached ``psutil.Process`` is used only while its ``create_time()`` equals the
 identity's start time, so a reused pid reads as :class:`~memagent.contracts.Gone`.
@@ -34,6 +37,11 @@ PLATFORM_FIELDS: dict[str, tuple[str, ...]] = {
                 "peak_nonpaged_pool", "nonpaged_pool", "pagefile", "peak_pagefile", "private"),
 }
 FULL_FIELDS = ("uss", "pss", "swap")
+#: seed field → the name a newer psutil gives the same counter (giampaolo/psutil PR #2737)
+RENAMED: dict[str, dict[str, str]] = {
+    "windows": {"wset": "rss", "peak_wset": "peak_rss", "pagefile": "vms", "peak_pagefile": "peak_vms",
+                "private": "vms"},
+}
 
 
 def os_name(platform: str = sys.platform) -> str:
@@ -54,12 +62,18 @@ def map_memory(os: str, pmem: Any) -> tuple[dict[str, int], dict[str, int]]:
         vms = pmem.pagefile if "pagefile" in present else pmem.vms
     else:
         rss, vms = pmem.rss, pmem.vms
-    platform = {f: int(getattr(pmem, f)) for f in PLATFORM_FIELDS.get(os, ()) if f in present}
+    renamed = RENAMED.get(os, {})
+    platform = {}
+    for field in PLATFORM_FIELDS.get(os, ()):
+        source = field if field in present else renamed.get(field)
+        if source in present:
+            platform[field] = int(getattr(pmem, source))
     return {"rss": int(rss), "vms": int(vms)}, platform
 
 
 def map_full(pfullmem: Any) -> dict[str, int]:
-    """uss / pss / swap, those present, from a ``memory_full_info()`` named tuple."""
+    """uss / pss / swap, those present, from a ``memory_footprint()`` or ``memory_full_info()``
+    named tuple."""
     return {f: int(getattr(pfullmem, f)) for f in FULL_FIELDS if f in pfullmem._fields}
 
 
@@ -142,11 +156,12 @@ class PsutilBackend:
                 if not full:
                     results.append(Reading(pid, started, portable, platform))
                     continue
+                method = "memory_footprint" if hasattr(proc, "memory_footprint") else "memory_full_info"
                 try:
-                    results.append(Reading(pid, started, portable, platform,
-                                           map_full(proc.memory_full_info())))
+                    full_info = map_full(getattr(proc, method)())
+                    results.append(Reading(pid, started, portable, platform, full_info))
                 except ps.AccessDenied as exc:
-                    problem = (("full_denied", f"memory_full_info: {exc}".rstrip(": ")),)
+                    problem = (("full_denied", f"{method}: {exc}".rstrip(": ")),)
                     results.append(Reading(pid, started, portable, platform, None, problem))
             except ps.ZombieProcess:
                 results.append(Reading(pid, started, {"rss": 0, "vms": 0}, {}))
