@@ -66,7 +66,7 @@ def map_memory(os: str, pmem: Any) -> tuple[dict[str, int], dict[str, int]]:
     platform = {}
     for field in PLATFORM_FIELDS.get(os, ()):
         source = field if field in present else renamed.get(field)
-        if source in present:
+        if source is not None and source in present:
             platform[field] = int(getattr(pmem, source))
     return {"rss": int(rss), "vms": int(vms)}, platform
 
