@@ -256,9 +256,14 @@ class Fanout:
         for outlet in self.outlets:
             outlet.unblock()
 
-    async def every_sink_closed(self) -> str:
-        """Wait until every sink has closed for good; say why, one reason per sink."""
+    async def every_sink_closed(self) -> None:
+        """Wait until every sink has closed for good."""
         await asyncio.gather(*(outlet.closed.wait() for outlet in self.outlets))
+
+    def why_every_sink_closed(self) -> str | None:
+        """``"<sink>: <reason>; ..."`` once every sink has closed for good, else None."""
+        if not all(outlet.closed.is_set() for outlet in self.outlets):
+            return None
         return "; ".join(f"{outlet.name}: {outlet.closed_reason}" for outlet in self.outlets)
 
     def stats(self) -> dict[str, Any]:

@@ -111,9 +111,9 @@ class Agent:
             self.backend.close()
             dropped = sum(o.dropped for o in self.fanout.outlets)
             log.info("stopped: %d records made, %d dropped", self.maker.last_seq, dropped)
-        reasons = [f"{o.name}: {o.closed_reason}" for o in self.fanout.outlets if o.closed_reason is not None]
-        if reasons and len(reasons) == len(self.fanout.outlets):
-            raise EverySinkClosed(f"every sink closed for good ({'; '.join(reasons)}); stopped")
+        why = self.fanout.why_every_sink_closed()
+        if why is not None:
+            raise EverySinkClosed(f"every sink closed for good ({why}); stopped")
 
     async def _start_outlets(self) -> None:
         started: list[Outlet] = []

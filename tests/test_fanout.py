@@ -126,14 +126,15 @@ async def test_a_sink_closed_for_good_is_not_retried_and_its_records_are_counted
 
 
 async def test_every_sink_closed_says_why() -> None:
-    """When the last open sink closes for good, every_sink_closed returns each one's reason."""
+    """every_sink_closed returns once the last open sink closes for good; then each one's reason is told."""
     fanout = Fanout([outlet(RecordingSink(), name=name) for name in ("a", "b")])
     for out in fanout.outlets:
         out.sink.gone = True  # type: ignore[attr-defined]
         await out.start()
+    assert fanout.why_every_sink_closed() is None  # nothing written yet: both still open
     await _publish_all(fanout, make_records(2))
-    reasons = await asyncio.wait_for(fanout.every_sink_closed(), 5)
-    assert reasons == "a: injected: the reader left; b: injected: the reader left"
+    await asyncio.wait_for(fanout.every_sink_closed(), 5)
+    assert fanout.why_every_sink_closed() == "a: injected: the reader left; b: injected: the reader left"
     await fanout.drain(5)
 
 

@@ -92,7 +92,7 @@ def pick_cgroup(text: str) -> str | None:
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3:
-            for controller in parts[1].split(",") or [""]:
+            for controller in parts[1].split(","):
                 paths.setdefault(controller, parts[2])
     unified = paths.get("")
     if unified is not None and unified != "/":
