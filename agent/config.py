@@ -3,9 +3,11 @@
 Guarantees: every key is checked (unknown keys are errors with a "did you mean"); every error is
 a :class:`~memagent.errors.ConfigError` whose message is one line naming the dotted key
 (``targets[1].interval: must be a positive duration, got "-1s"``); arrays of tables are counted
-from 1, as people count. ``${VAR}`` and ``${VAR:-default}`` are expanded in the raw text before
-parsing (so they work for numbers too); ``$${`` is a literal ``${``; an unset variable without a
-default is an error; lines that are TOML comments are left alone.
+from 1, as people count. ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` (POSIX and
+docker-compose syntax) are expanded in the raw text before parsing (so they work for numbers
+too); ``$${`` is a literal ``${``; an unset variable without a default is an error, and so is any
+other ``${...}`` form (never passed through as literal text); lines that are TOML comments are
+left alone.
 
 Not checked here: the options of each sink and backend plugin (the plugin validates its own,
 see :mod:`memagent.registry`), and whether a selector matches anything (a target may match
@@ -18,6 +20,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,7 +31,10 @@ from memagent.options import Options, describe, suggest
 
 WHEN_FULL = ("drop_oldest", "drop_newest", "block")
 SELECTORS = ("pid", "pidfile", "comm", "exe", "cmdline", "user", "cgroup", "all", "self")
-_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# $${ (a literal "${"), or ${ and whatever follows up to the closing brace; the inside is then
+# checked against the forms we support, so a typo is an error instead of literal text
+_VARIABLE = re.compile(r"\$\$\{|\$\{([^}\n]*)(\}?)")
+_REFERENCE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)(.*))?", re.DOTALL)
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
 
 
@@ -94,8 +100,9 @@ class Config:
     source: str
 
 
-def expand_variables(text: str, environ: dict[str, str] | None = None) -> str:
-    """Expand ``${VAR}`` / ``${VAR:-default}`` outside comment lines (see module docstring)."""
+def expand_variables(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` outside comment lines
+    (see module docstring)."""
     env = os.environ if environ is None else environ
     lines = []
     for number, line in enumerate(text.splitlines(keepends=True), start=1):
@@ -106,17 +113,30 @@ def expand_variables(text: str, environ: dict[str, str] | None = None) -> str:
         def substitute(match: re.Match[str], number: int = number) -> str:
             if match.group(0) == "$${":
                 return "${"
-            name, default = match.group(1), match.group(2)
-            value = env.get(name)
-            if value is None or (value == "" and default is not None):
-                if default is None:
-                    raise ConfigError(f"line {number}", f"${{{name}}} is not set "
-                                      f"(set it, or write ${{{name}:-default}})")
-                return default
-            return value
+            return _substitute(match.group(1), match.group(2) == "}", env, f"line {number}")
 
         lines.append(_VARIABLE.sub(substitute, line))
     return "".join(lines)
+
+
+def _substitute(inside: str, closed: bool, env: Mapping[str, str], where: str) -> str:
+    """The value of one ``${inside}`` reference; ConfigError for an unset variable or a form
+    that is not one of ``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}``."""
+    reference = _REFERENCE.fullmatch(inside) if closed else None
+    if reference is None:
+        shown = "${" + inside + ("}" if closed else "")
+        raise ConfigError(where, f"{shown} is not a supported reference: use ${{VAR}}, "
+                                 "${VAR:-default} or ${VAR:?message} ($${ for a literal ${)")
+    name, operator, word = reference.groups()
+    value = env.get(name)
+    if value is not None and (value != "" or operator is None):
+        return value
+    if operator == ":-":
+        return word
+    if operator == ":?":
+        state = "empty" if value == "" else "not set"
+        raise ConfigError(where, f"${{{name}}} is {state}: {word or 'required'}")
+    raise ConfigError(where, f"${{{name}}} is not set (set it, or write ${{{name}:-default}})")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
