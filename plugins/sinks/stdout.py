@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO, ClassVar
@@ -21,6 +22,15 @@ from memagent.errors import SinkClosed, SinkError
 from memagent.options import Options
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: anything a terminal or
+# a line-based reader could take as a new line, a cursor move or an escape sequence
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u2028``), so a
+    process name or command line can never start a new line or move the cursor."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def human_bytes(value: int) -> str:
@@ -35,7 +45,8 @@ def human_bytes(value: int) -> str:
 
 def text_line(fields: Mapping[str, Any]) -> str:
     """One readable line for a record, e.g.
-    ``05:00:00.12 api 1234 gunicorn rss=14.8MiB vms=80.1MiB``."""
+    ``05:00:00.12 api 1234 gunicorn rss=14.8MiB vms=80.1MiB``. Everything that comes from a
+    process (name, command line, error messages) is passed through :func:`printable`."""
     kind = fields["type"]
     clock = fields["ts"][11:22]
     if kind == "agent":
@@ -43,7 +54,7 @@ def text_line(fields: Mapping[str, Any]) -> str:
         dropped = sum(s.get("dropped", 0) for s in stats.get("sinks", {}).values())
         return (f"{clock} agent processes={stats['processes']} records={stats['records']} "
                 f"skipped_ticks={stats['ticks_skipped']} dropped={dropped}")
-    who = f"{clock} {fields['target']} {fields['pid']} {fields['name']}"
+    who = f"{clock} {fields['target']} {fields['pid']} {printable(fields['name'])}"
     if kind == "sample":
         portable = fields["portable"]
         parts = [f"rss={human_bytes(portable['rss'])}", f"vms={human_bytes(portable['vms'])}"]
@@ -51,9 +62,9 @@ def text_line(fields: Mapping[str, Any]) -> str:
             parts.append(f"{key}={human_bytes(value)}")
         return f"{who} " + " ".join(parts)
     if kind == "start":
-        return f"{who} start: {' '.join(fields.get('cmdline', []))[:120]}"
+        return f"{who} start: {printable(' '.join(fields.get('cmdline', []))[:120])}"
     if kind == "error":
-        return f"{who} error {fields['error']['kind']}: {fields['error']['message']}"
+        return f"{who} error {fields['error']['kind']}: {printable(fields['error']['message'])}"
     return f"{who} {kind}"
 
 
