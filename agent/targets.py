@@ -3,15 +3,24 @@
 :class:`Selector` turns one ``[[targets]]`` table into a predicate over
 :class:`~memagent.contracts.ProcessInfo` and resolves a whole listing to the set of identities
 the target watches now. Selectors in one target are ANDed; ``children = true`` adds every
-descendant of a matched process. A pidfile is re-read on every resolve, so a restarted daemon
-is followed; an unreadable pidfile matches nothing and is reported once per episode.
+descendant of a matched process.
+
+A pidfile is re-read by :meth:`Selector.refresh` before every listing (in the scheduler's worker
+thread, never on the event loop), so a restarted daemon is followed. It is treated as hostile
+input: opened without following a symbolic link and without blocking (a FIFO never stalls the
+agent), accepted only if it is a regular file of at most :data:`PIDFILE_MAX_BYTES` bytes holding
+one pid, and read with that bound (a link to ``/dev/zero`` is refused, never read). A pidfile
+that cannot be used matches nothing, is counted in :attr:`Selector.pidfile_problems` and is
+reported once per episode (one warning when it goes bad, one line when it is usable again).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
+import stat
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 
@@ -21,6 +30,42 @@ from memagent.contracts import Identity, ProcessInfo
 log = logging.getLogger(__name__)
 
 Predicate = Callable[[ProcessInfo], bool]
+
+#: The most a pidfile may hold: a pid and a newline, with room for stray whitespace.
+PIDFILE_MAX_BYTES = 64
+#: Linux's PID_MAX_LIMIT (2^22); other systems stay well below it.
+PID_MAX = 1 << 22
+
+
+class PidfileProblem(Exception):
+    """Why a pidfile cannot be used; the message is one short phrase for the log line."""
+
+
+def read_pidfile(path: str) -> int:
+    """The pid in ``path``; :class:`PidfileProblem` if it is not a small regular file holding
+    one. Never follows a symbolic link in the last component and never blocks (see module
+    docstring). Blocking I/O on a regular file: call it from a worker thread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PidfileProblem("is a symbolic link (not followed)") from None
+        raise PidfileProblem(exc.strerror or str(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PidfileProblem("is not a regular file")
+        if info.st_size > PIDFILE_MAX_BYTES:
+            raise PidfileProblem(f"holds {info.st_size} bytes, more than a pid ({PIDFILE_MAX_BYTES} at most)")
+        data = os.read(fd, PIDFILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise PidfileProblem(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    text = data.decode("ascii", errors="replace").strip()
+    if len(data) > PIDFILE_MAX_BYTES or not text.isdigit() or not 0 < int(text) <= PID_MAX:
+        raise PidfileProblem("does not hold a pid")
+    return int(text)
 
 
 def _user_names(user: str) -> set[str]:
@@ -39,7 +84,9 @@ class Selector:
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
         self._predicates = self._build(config)
+        self._pidfile_pid: int | None = None
         self._pidfile_problem: str | None = None
+        self.pidfile_problems = 0
 
     @staticmethod
     def _build(config: TargetConfig) -> list[Predicate]:
@@ -67,30 +114,33 @@ class Selector:
             checks.append(lambda p: p.cgroup is not None and fnmatchcase(p.cgroup, cgroup))
         return checks
 
-    def _pidfile_pid(self) -> int | None:
+    def refresh(self) -> None:
+        """Re-read what a resolve needs from outside the process listing (the pidfile).
+        Blocking but bounded: call it from a worker thread, before listing processes."""
         path = self.config.pidfile
-        assert path is not None
+        if path is None:
+            return
         try:
-            with open(path, encoding="ascii") as handle:
-                pid = int(handle.read().split()[0])
-            problem = None
-        except (OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
-            pid, problem = None, getattr(exc, "strerror", None) or "does not hold a pid"
+            pid, problem = read_pidfile(path), None
+        except PidfileProblem as exc:
+            pid, problem = None, str(exc)
+            self.pidfile_problems += 1
         if problem != self._pidfile_problem:
             if problem:
                 log.warning("target %s: cannot use pidfile %s: %s; watching nothing until it can",
                             self.config.name, path, problem)
             else:
-                log.info("target %s: pidfile %s readable again (pid %s)", self.config.name, path, pid)
+                log.info("target %s: pidfile %s usable again (pid %s)", self.config.name, path, pid)
             self._pidfile_problem = problem
-        return pid
+        self._pidfile_pid = pid
 
     def resolve(self, processes: Iterable[ProcessInfo]) -> dict[Identity, ProcessInfo]:
-        """The processes this target watches now, by identity."""
+        """The processes this target watches now, by identity. No I/O: the pidfile's pid is
+        the one the last :meth:`refresh` read (none before the first)."""
         listing = list(processes)
         checks = list(self._predicates)
         if self.config.pidfile is not None:
-            pid = self._pidfile_pid()
+            pid = self._pidfile_pid
             if pid is None:
                 return {}
             checks.append(lambda p: p.pid == pid)
