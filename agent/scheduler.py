@@ -9,9 +9,13 @@ Guarantees:
 - Sampling yields to the event loop every :data:`~memagent.contracts.SAMPLE_CHUNK` processes and
   process listing runs in a worker thread, so the loop is never blocked for long.
 - A process emits ``start`` when a target first matches it, ``exit`` when it is gone (seen by a
-  sample or a rescan), and at most one ``error`` per (process, kind) — never one per tick.
-- A backend failure (a bug, not a process's trouble) is logged once per episode and counted;
-  the agent keeps running.
+  sample or a rescan), and at most one ``error`` per (process, kind) — never one per tick. A
+  process that has exited never starts again: a listing taken before a sample saw it gone, and
+  applied after, does not bring it back (identities are (pid, start time), so it cannot
+  legitimately reappear).
+- A backend failure (a bug, not a process's trouble) is logged once per episode of each
+  operation (listing, sampling) and counted; the agent keeps running. A backend that returns
+  fewer or more results than processes asked for is such a failure: nothing is silently dropped.
 
 Not guaranteed: a process that lives shorter than the rescan period may never be seen.
 """
@@ -66,7 +70,11 @@ class Scheduler:
         self.counters = Counters()
         self._holders: dict[Identity, int] = {}
         self._lock = asyncio.Lock()
-        self._backend_failing = False
+        self._failing: set[str] = set()  # backend operations in a failure episode
+        self._listings_begun = 0
+        # identity -> how many listings had begun when a sample saw it gone; a listing that
+        # began no later than that may still show it (see rescan)
+        self._gone: dict[Identity, int] = {}
 
     @property
     def watched(self) -> int:
@@ -91,24 +99,42 @@ class Scheduler:
 
     def _backend_trouble(self, what: str, exc: Exception) -> None:
         self.counters.backend_failures += 1
-        if not self._backend_failing:
-            self._backend_failing = True
+        if what not in self._failing:
+            self._failing.add(what)
             log.error("backend %s: %s failed: %s: %s (counted; the agent keeps running)",
                       self.backend.name, what, type(exc).__name__, exc)
 
+    def _backend_fine(self, what: str) -> None:
+        if what in self._failing:
+            self._failing.discard(what)
+            log.info("backend %s: %s works again", self.backend.name, what)
+
+    def _list(self) -> list[ProcessInfo]:
+        """Blocking: re-read pidfiles, then list processes. Runs in a worker thread."""
+        for watch in self.watches:
+            watch.selector.refresh()
+        return self.backend.list_processes()
+
     async def rescan(self) -> None:
         """List processes (in a thread) and update every target's members."""
+        self._listings_begun += 1
+        listing = self._listings_begun
         try:
-            processes = await asyncio.to_thread(self.backend.list_processes)
+            processes = await asyncio.to_thread(self._list)
         except Exception as exc:  # noqa: BLE001 - see _backend_trouble
             self._backend_trouble("listing processes", exc)
             return
-        alive = {p.identity for p in processes}
+        self._backend_fine("listing processes")
         async with self._lock:
+            # seen gone by a sample after this listing began: the listing is stale for them.
+            # Gone before it began: no listing from now on can show them again, forget them.
+            stale = {i for i, begun in self._gone.items() if begun >= listing}
+            self._gone = {i: self._gone[i] for i in stale}
+            alive = {p.identity for p in processes} - stale
             self.counters.rescans += 1
             ts = iso_utc(time.time())
             for watch in self.watches:
-                matched = watch.selector.resolve(processes)
+                matched = watch.selector.resolve(p for p in processes if p.identity in alive)
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
                     if identity not in alive:
@@ -134,11 +160,13 @@ class Scheduler:
                     chunk = identities[start:start + SAMPLE_CHUNK]
                     try:
                         results = self.backend.sample(chunk, full)
+                        if len(results) != len(chunk):
+                            raise ValueError(f"{len(results)} results for {len(chunk)} processes")
                     except Exception as exc:  # noqa: BLE001 - see _backend_trouble
                         self._backend_trouble("sampling", exc)
                         continue
-                    self._backend_failing = False
-                    for identity, result in zip(chunk, results, strict=False):
+                    self._backend_fine("sampling")
+                    for identity, result in zip(chunk, results, strict=True):
                         await self._emit(watch, identity, result, ts)
                     await asyncio.sleep(0)
 
@@ -151,6 +179,7 @@ class Scheduler:
                 await self._report_once(watch, identity, info, kind, message, ts)
             await self.fanout.publish(self.maker.sample(watch.name, info, result, ts))
         elif isinstance(result, Gone):
+            self._gone[identity] = self._listings_begun
             await self.fanout.publish(self.maker.exit(watch.name, info, ts))
             self._release(watch, identity)
         elif isinstance(result, Failure):
