@@ -40,6 +40,12 @@ from memagent.options import Options
 #: the event loop between chunks so that sampling 1,000 processes never blocks it for long.
 SAMPLE_CHUNK = 128
 
+#: The most of a command line a backend keeps (bytes of its arguments joined by NULs, as in
+#: ``/proc/<pid>/cmdline``): what the ``cmdline`` selector sees and ``start`` records carry. A
+#: longer one is cut there and marked ``cmdline_truncated``, so one process with a megabyte of
+#: arguments cannot make the agent hold megabytes.
+CMDLINE_MAX_BYTES = 32 * 1024
+
 Identity = tuple[int, float]
 """A process's identity: (pid, start time as seconds since the epoch). A reused pid is a new
 process because its start time differs."""
@@ -48,7 +54,8 @@ process because its start time differs."""
 @dataclass(frozen=True, slots=True)
 class ProcessInfo:
     """What a backend knows about one process when listing. Fields a backend cannot know are
-    None (``cgroup`` off Linux, ``exe`` when access is denied)."""
+    None (``cgroup`` off Linux, ``exe`` when access is denied). ``cmdline`` holds at most
+    :data:`CMDLINE_MAX_BYTES` (see :func:`cap_cmdline`); ``cmdline_truncated`` says it was cut."""
 
     pid: int
     ppid: int
@@ -58,10 +65,36 @@ class ProcessInfo:
     exe: str | None = None
     user: str | None = None
     cgroup: str | None = None
+    cmdline_truncated: bool = False
 
     @property
     def identity(self) -> Identity:
         return (self.pid, self.started)
+
+
+def cap_cmdline(args: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """``args`` cut so that, joined by NULs (UTF-8), they take at most :data:`CMDLINE_MAX_BYTES`,
+    as the Linux backend's bounded read of ``/proc/<pid>/cmdline`` does; and whether anything
+    was cut. The last argument kept may be cut part-way."""
+    kept: list[str] = []
+    room = CMDLINE_MAX_BYTES + 1  # every argument counts one separator; the last needs none
+    for arg in args:
+        size = len(arg.encode("utf-8", "surrogateescape")) + 1
+        if size > room:
+            if room > 1:
+                kept.append(arg.encode("utf-8", "surrogateescape")[:room - 1].decode("utf-8", "ignore"))
+            return tuple(kept), True
+        kept.append(arg)
+        room -= size
+    return tuple(kept), False
+
+
+@runtime_checkable
+class Counting(Protocol):
+    """Optional for a backend: counters of its own (``malformed`` procfs files, say), published
+    under ``backend`` in ``agent`` records. Read on the event loop; keep them plain ints."""
+
+    counters: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)

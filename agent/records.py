@@ -85,9 +85,13 @@ class RecordMaker:
         return self._finish("sample", target, info.pid, body, ts)
 
     def start(self, target: str, info: ProcessInfo, ts: str) -> Record:
-        """A process matched ``target`` for the first time; carries what identifies it."""
+        """A process matched ``target`` for the first time; carries what identifies it. The
+        command line is at most :data:`~memagent.contracts.CMDLINE_MAX_BYTES`; a cut one is
+        marked ``"cmdline_truncated": true``."""
         body = self._process(target, info)
         body["cmdline"] = list(info.cmdline)
+        if info.cmdline_truncated:
+            body["cmdline_truncated"] = True
         if info.exe is not None:
             body["exe"] = info.exe
         if info.user is not None:

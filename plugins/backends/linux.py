@@ -14,6 +14,14 @@ and tests point it at fixture trees):
   ``error`` record says why.
 - Zombies and kernel threads read zeros, as with psutil.
 
+procfs contents are input like any other: every read is bounded in bytes (a command line is
+kept to :data:`~memagent.contracts.CMDLINE_MAX_BYTES`, ``smaps`` is summed as it streams), and a
+malformed file is never a crash. At build time a malformed ``stat`` is a
+:class:`~memagent.errors.ConfigError` (``memagent check`` exits 2 with one line); while running,
+a process whose files cannot be parsed is left out of the listing, counted in
+``counters["malformed"]`` (published under ``backend`` in ``agent`` records) and reported once
+per episode.
+
 Open fds are budgeted: RLIMIT_NOFILE's soft limit is raised as far as the hard limit allows, and
 at most ``max_open_fds`` are kept (default: :func:`default_fd_budget`, the limit less a reserve
 of :data:`FD_RESERVE` for sinks and clients, or half the limit when it is small); past that,
@@ -24,21 +32,39 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import pwd
 import resource
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import ClassVar
 
-from memagent.contracts import Failure, Gone, Identity, ProcessInfo, Reading, SampleResult
+from memagent.contracts import (
+    CMDLINE_MAX_BYTES,
+    Failure,
+    Gone,
+    Identity,
+    ProcessInfo,
+    Reading,
+    SampleResult,
+)
 from memagent.errors import ConfigError
 from memagent.options import Options
+
+log = logging.getLogger(__name__)
 
 PLATFORM_FIELDS = ("shared", "text", "lib", "data", "dirty")
 FD_RESERVE = 1024  # fds left for sinks, WebSocket clients, logs: the agent's own needs come first
 _GONE_ERRNOS = (errno.ESRCH, errno.ENOENT)
 _STATM_BYTES = 128  # 7 numbers; a 64-bit statm line is at most ~140 chars, the kernel gives < 100
+# read bounds for the other procfs files, each far above what a kernel writes
+_STAT_BYTES = 4096  # <pid>/stat: comm is at most 64 bytes, 52 numbers
+_STATUS_BYTES = 4096  # <pid>/status: the Uid line comes within the first ~400 bytes
+_CGROUP_BYTES = 64 * 1024  # <pid>/cgroup: one line per v1 hierarchy, each a path
+_BOOT_STAT_BYTES = 1 << 20  # /proc/stat: one line per cpu before btime; 1 MiB is ~10,000 cpus
+_ROLLUP_BYTES = 64 * 1024  # smaps_rollup: about 20 lines
 
 
 def raise_fd_limit() -> int:
@@ -69,15 +95,42 @@ def parse_stat(text: str) -> tuple[str, int, int]:
 
 def parse_rollup(data: bytes) -> dict[str, int]:
     """uss / pss / swap in bytes from smaps_rollup (or smaps: the same lines, per mapping)."""
-    uss = pss = swap = 0
-    for line in data.split(b"\n"):
+    totals = [0, 0, 0]
+    _add_rollup_lines(totals, data.split(b"\n"))
+    return _rollup(totals)
+
+
+def _add_rollup_lines(totals: list[int], lines: list[bytes]) -> None:
+    for line in lines:
         if line.startswith(b"Private_"):
-            uss += int(line.split()[1])
+            totals[0] += int(line.split()[1])
         elif line.startswith(b"Pss:"):
-            pss += int(line.split()[1])
+            totals[1] += int(line.split()[1])
         elif line.startswith(b"Swap:"):
-            swap += int(line.split()[1])
-    return {"uss": uss * 1024, "pss": pss * 1024, "swap": swap * 1024}
+            totals[2] += int(line.split()[1])
+
+
+def _rollup(totals: list[int]) -> dict[str, int]:
+    return {"uss": totals[0] * 1024, "pss": totals[1] * 1024, "swap": totals[2] * 1024}
+
+
+def sum_smaps(path: str) -> dict[str, int]:
+    """:func:`parse_rollup` of a whole ``smaps`` file, summed as it streams: memory stays bounded
+    however many mappings the process has (``smaps`` can be tens of megabytes)."""
+    totals = [0, 0, 0]
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rest = b""
+        while chunk := os.read(fd, 65536):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            if len(rest) > 65536:
+                raise ValueError(f"{path}: a line longer than 64 KiB")
+            _add_rollup_lines(totals, lines)
+        _add_rollup_lines(totals, [rest])
+    finally:
+        os.close(fd)
+    return _rollup(totals)
 
 
 def pick_cgroup(text: str) -> str | None:
@@ -103,16 +156,24 @@ def pick_cgroup(text: str) -> str | None:
     return unified if unified is not None else next(iter(paths.values()), None)
 
 
-def read_whole(path: str) -> bytes:
-    """A procfs file's bytes with one open and as few reads as it takes."""
+def read_bounded(path: str, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of a procfs file, and whether it holds more."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
-        while chunk := os.read(fd, 65536):
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 65536))):
             chunks.append(chunk)
-        return b"".join(chunks)
+            left -= len(chunk)
     finally:
         os.close(fd)
+    data = b"".join(chunks)
+    return data[:limit], len(data) > limit
+
+
+def split_cmdline(data: bytes) -> tuple[str, ...]:
+    """``/proc/<pid>/cmdline`` bytes (NUL-separated) → arguments; a cut last one is kept."""
+    return tuple(a for a in data.decode("utf-8", "replace").split("\0") if a)
 
 
 class LinuxBackend:
@@ -133,6 +194,8 @@ class LinuxBackend:
         self._fds: dict[Identity, int] = {}
         self._details: dict[Identity, ProcessInfo] = {}
         self._users: dict[int, str] = {}
+        self.counters = {"malformed": 0}
+        self._malformed_episode = False
 
     @classmethod
     def available(cls) -> bool:
@@ -148,26 +211,37 @@ class LinuxBackend:
         return cls(procfs, max_open_fds)
 
     def _boot_time(self) -> float:
-        with open(f"{self.procfs}/stat", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("btime"):
-                    return float(line.split()[1])
-        raise ConfigError("backends.linux.procfs", f"{self.procfs}/stat has no btime line")
+        path = f"{self.procfs}/stat"
+        try:
+            data, _ = read_bounded(path, _BOOT_STAT_BYTES)
+        except OSError as exc:
+            raise ConfigError("backends.linux.procfs", f"cannot read {path}: {exc.strerror or exc}") from None
+        for line in data.split(b"\n"):
+            if line.startswith(b"btime"):
+                value = line[5:].strip()
+                if not value.isdigit():
+                    shown = value[:40].decode("ascii", "replace")
+                    raise ConfigError("backends.linux.procfs", f"{path}: btime is not a number of seconds "
+                                                               f"(got {shown!r}); is this a procfs?")
+                return float(value)
+        raise ConfigError("backends.linux.procfs", f"{path} has no btime line")
 
     # -- listing ---------------------------------------------------------------------------
 
-    def _read(self, pid: int, name: str) -> str:
-        with open(f"{self.procfs}/{pid}/{name}", encoding="utf-8", errors="replace") as handle:
-            return handle.read()
+    def _read(self, pid: int, name: str, limit: int) -> str:
+        return read_bounded(f"{self.procfs}/{pid}/{name}", limit)[0].decode("utf-8", "replace")
 
     def _identity(self, pid: int) -> tuple[Identity, str, int]:
-        comm, ppid, start_ticks = parse_stat(self._read(pid, "stat"))
+        comm, ppid, start_ticks = parse_stat(self._read(pid, "stat", _STAT_BYTES))
         return (pid, self.boot_time + start_ticks / self.ticks), comm, ppid
 
     def _user(self, pid: int) -> str | None:
-        for line in self._read(pid, "status").splitlines():
+        for line in self._read(pid, "status", _STATUS_BYTES).splitlines():
             if line.startswith("Uid:"):
-                uid = int(line.split()[1])
+                fields = line.split()
+                if len(fields) < 2 or not fields[1].isdigit():
+                    return None
+                uid = int(fields[1])
                 if uid not in self._users:
                     try:
                         self._users[uid] = pwd.getpwuid(uid).pw_name
@@ -178,16 +252,17 @@ class LinuxBackend:
 
     def _cgroup(self, pid: int) -> str | None:
         try:
-            return pick_cgroup(self._read(pid, "cgroup"))
+            return pick_cgroup(self._read(pid, "cgroup", _CGROUP_BYTES))
         except OSError:
             return None
 
     def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
         pid = identity[0]
         try:
-            cmdline = tuple(a for a in self._read(pid, "cmdline").split("\0") if a)
+            data, truncated = read_bounded(f"{self.procfs}/{pid}/cmdline", CMDLINE_MAX_BYTES)
+            cmdline = split_cmdline(data)
         except OSError:
-            cmdline = ()
+            cmdline, truncated = (), False
         try:
             exe: str | None = os.readlink(f"{self.procfs}/{pid}/exe")
         except OSError:
@@ -202,11 +277,12 @@ class LinuxBackend:
         except OSError:
             user = None
         return ProcessInfo(pid=pid, ppid=ppid, name=name, started=identity[1], cmdline=cmdline,
-                           exe=exe, user=user, cgroup=self._cgroup(pid))
+                           exe=exe, user=user, cgroup=self._cgroup(pid), cmdline_truncated=truncated)
 
     def list_processes(self) -> list[ProcessInfo]:
         processes = []
         details: dict[Identity, ProcessInfo] = {}
+        malformed: list[str] = []
         with os.scandir(self.procfs) as entries:
             pids = [int(e.name) for e in entries if e.name.isdigit()]
         for pid in pids:
@@ -216,14 +292,27 @@ class LinuxBackend:
                 if info is None:
                     info = self._describe(identity, comm, ppid)
                 elif info.ppid != ppid:  # reparented (its parent exited)
-                    info = ProcessInfo(info.pid, ppid, info.name, info.started, info.cmdline,
-                                       info.exe, info.user, info.cgroup)
-            except (OSError, ValueError, IndexError):
+                    info = replace(info, ppid=ppid)
+            except OSError:
                 continue  # vanished while listing, or unreadable: not listed
+            except (ValueError, IndexError):
+                malformed.append(f"{self.procfs}/{pid}/stat")  # not listed, but not silently
+                continue
             details[identity] = info
             processes.append(info)
         self._details = details
+        self._count_malformed(malformed)
         return processes
+
+    def _count_malformed(self, paths: list[str]) -> None:
+        """Count unparsable files; one warning per episode (listings in a row that find some)."""
+        self.counters["malformed"] += len(paths)
+        if paths and not self._malformed_episode:
+            log.warning("linux backend: %d procfs file(s) could not be parsed, e.g. %s; those processes "
+                        "are not watched (counted as backend.malformed)", len(paths), paths[0])
+        elif not paths and self._malformed_episode:
+            log.info("linux backend: every procfs file parses again")
+        self._malformed_episode = bool(paths)
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -256,11 +345,12 @@ class LinuxBackend:
         """uss/pss/swap from smaps_rollup, or from smaps where this process has no rollup
         (kernels before 4.14). The fallback is per process, never a global switch."""
         try:
-            return parse_rollup(read_whole(f"{self.procfs}/{pid}/smaps_rollup"))
+            data, _ = read_bounded(f"{self.procfs}/{pid}/smaps_rollup", _ROLLUP_BYTES)
+            return parse_rollup(data)
         except FileNotFoundError:
             if not os.path.isdir(f"{self.procfs}/{pid}"):
                 raise
-        return parse_rollup(read_whole(f"{self.procfs}/{pid}/smaps"))
+        return sum_smaps(f"{self.procfs}/{pid}/smaps")
 
     def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
         results: list[SampleResult] = []

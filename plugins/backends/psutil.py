@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
-from memagent.contracts import Failure, Gone, Identity, ProcessInfo, Reading, SampleResult
+from memagent.contracts import Failure, Gone, Identity, ProcessInfo, Reading, SampleResult, cap_cmdline
 from memagent.options import Options
 
 PLATFORM_FIELDS: dict[str, tuple[str, ...]] = {
@@ -110,8 +111,9 @@ class PsutilBackend:
 
     def _describe(self, proc: Any, identity: Identity, ppid: int) -> ProcessInfo:
         info = proc.as_dict(["name", "cmdline", "exe", "username"], ad_value=None)
+        cmdline, truncated = cap_cmdline(info["cmdline"] or ())
         return ProcessInfo(pid=identity[0], ppid=ppid, name=info["name"] or "", started=identity[1],
-                           cmdline=tuple(info["cmdline"] or ()), exe=info["exe"] or None,
+                           cmdline=cmdline, cmdline_truncated=truncated, exe=info["exe"] or None,
                            user=info["username"], cgroup=None)
 
     def list_processes(self) -> list[ProcessInfo]:
@@ -127,8 +129,7 @@ class PsutilBackend:
                 if info is None:
                     info = self._describe(proc, identity, ppid or 0)
                 elif info.ppid != ppid:
-                    info = ProcessInfo(info.pid, ppid or 0, info.name, info.started, info.cmdline,
-                                       info.exe, info.user, info.cgroup)
+                    info = replace(info, ppid=ppid or 0)
             except ps.Error:
                 continue
             details[identity] = info
