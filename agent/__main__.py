@@ -1,7 +1,7 @@
-"""``python -m memagent`` runs the CLI."""
+"""``python -m memagent`` runs the CLI (through :mod:`memagent.entry`, like the console script)."""
 
 import sys
 
-from memagent.cli import main
+from memagent.entry import main
 
 sys.exit(main())

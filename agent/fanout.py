@@ -39,6 +39,11 @@ BACKOFF_FIRST = 0.1  # seconds: quick enough to ride over a momentary EAGAIN-lik
 BACKOFF_MAX = 30.0  # seconds: a dead disk is retried twice a minute, not hammered
 
 
+#: Seconds a sink's ``close()`` may take past the drain deadline (an fsync, a last goodbye to
+#: clients) before it is abandoned: SIGTERM ends within ``drain_timeout`` plus this.
+CLOSE_GRACE = 0.8
+
+
 class Outlet:
     """The path from the agent to one sink. Create, :meth:`start`, :meth:`offer`/:meth:`put`
     records, then :meth:`drain` once."""
@@ -221,7 +226,10 @@ class Outlet:
             log.error("sink %s: %d queued records not delivered before the drain deadline; "
                       "%d dropped in all", self.name, left, self.dropped)
         try:
-            await self.sink.close()
+            # close gets what is left of the deadline plus CLOSE_GRACE, however the sink behaves
+            await asyncio.wait_for(self.sink.close(), max(0.0, deadline - time.monotonic()) + CLOSE_GRACE)
+        except TimeoutError:
+            log.error("sink %s: close did not finish within the drain deadline; abandoned", self.name)
         except Exception as exc:  # noqa: BLE001 - closing one sink must not skip the others
             log.error("sink %s: close failed: %s", self.name, _describe(exc))
 

@@ -6,6 +6,12 @@ is all ``memagent check`` does. :meth:`Agent.run` starts the sinks, scans, ticks
 ``--duration``, ``--once``) publishes a last ``agent`` record, drains every outlet within
 ``drain_timeout`` and closes backend and sinks. SIGHUP (:meth:`Agent.reopen`) asks sinks to
 reopen their files, as logrotate expects.
+
+Signals (:func:`run_until_signalled`): the first SIGINT/SIGTERM stops gracefully, within
+``drain_timeout`` plus a second whatever sinks and clients do; a second one exits at once (exit 1,
+what is still queued is counted in the log line and lost). SIGHUP is safe at any moment: ignored
+from the console script's first line (:mod:`memagent.entry`) until the loop handles it, and
+ignored again after the loop stops handling it.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from memagent.config import Config
-from memagent.contracts import Backend, SinkContext
+from memagent.contracts import Backend, Counting, SinkContext
 from memagent.errors import MemagentError
 from memagent.fanout import Fanout, Outlet
 from memagent.records import RecordMaker, iso_utc, new_run_id
@@ -57,10 +66,15 @@ class Agent:
     def stats(self, started: float) -> dict[str, Any]:
         """The agent's counters, as published in ``agent`` records."""
         c = self.scheduler.counters
-        return {"uptime_s": round(time.monotonic() - started, 3), "processes": self.scheduler.watched,
-                "records": self.maker.last_seq + 1, "ticks": c.ticks, "ticks_skipped": c.ticks_skipped,
-                "rescans": c.rescans, "backend_failures": c.backend_failures,
-                "sinks": self.fanout.stats()}
+        stats: dict[str, Any] = {
+            "uptime_s": round(time.monotonic() - started, 3), "processes": self.scheduler.watched,
+            "records": self.maker.last_seq + 1, "ticks": c.ticks, "ticks_skipped": c.ticks_skipped,
+            "rescans": c.rescans, "backend_failures": c.backend_failures,
+            "pidfile_problems": sum(w.selector.pidfile_problems for w in self.scheduler.watches),
+            **own_memory(), "sinks": self.fanout.stats()}
+        if isinstance(self.backend, Counting):
+            stats["backend"] = dict(self.backend.counters)
+        return stats
 
     async def _publish_stats(self, started: float) -> None:
         await self.fanout.publish(self.maker.agent(self.stats(started), iso_utc(time.time())))
@@ -128,6 +142,15 @@ class Agent:
             started.append(outlet)
 
 
+def own_memory() -> dict[str, int]:
+    """The agent's own ``rss`` now (Linux: ``/proc/self/statm``) and peak ``max_rss``, bytes."""
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = {"max_rss": usage if sys.platform == "darwin" else usage * 1024}  # macOS: bytes; else KiB
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm", "rb") as statm:
+        memory["rss"] = int(statm.read(128).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return memory
+
+
 def build(config: Config) -> Agent:
     """Load and validate every plugin the config names; no I/O beyond imports."""
     backend = build_backend(config.agent.backend, config.backends)
@@ -152,20 +175,39 @@ def build(config: Config) -> Agent:
 
 
 async def run_until_signalled(agent: Agent, *, once: bool = False, duration: float | None = None) -> None:
-    """Run ``agent`` with SIGINT/SIGTERM stopping it gracefully and SIGHUP reopening sinks."""
+    """Run ``agent``: the first SIGINT/SIGTERM stops it gracefully, a second exits at once,
+    SIGHUP reopens sinks (see the module docstring)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    handled = []
-    for signum, handler in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set),
-                            (signal.SIGHUP, agent.reopen)):
+    stop_signals: list[int] = []
+
+    def on_stop(signum: int) -> None:
+        stop_signals.append(signum)
+        if len(stop_signals) == 1:
+            stop.set()
+            return
+        queued = sum(o.queued for o in agent.fanout.outlets)
+        log.error("second %s: exiting now; %d queued records are lost", signal.Signals(signum).name, queued)
+        logging.shutdown()
+        os._exit(1)
+
+    handled: list[tuple[int, Any]] = []
+    for signum, handler, args in ((signal.SIGINT, on_stop, (signal.SIGINT,)),
+                                  (signal.SIGTERM, on_stop, (signal.SIGTERM,)),
+                                  (signal.SIGHUP, agent.reopen, ())):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, handler)
-            handled.append(signum)
+            previous = signal.getsignal(signum)
+            loop.add_signal_handler(signum, handler, *args)
+            handled.append((signum, previous))
     timer = loop.call_later(duration, stop.set) if duration is not None else None
     try:
         await agent.run(stop, once=once)
     finally:
         if timer is not None:
             timer.cancel()
-        for signum in handled:
+        for signum, previous in handled:
             loop.remove_signal_handler(signum)
+            if signum == signal.SIGHUP:  # never back to SIGHUP's default action (terminate)
+                signal.signal(signum, signal.SIG_IGN)
+            elif previous is not None:
+                signal.signal(signum, previous)
