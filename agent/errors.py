@@ -9,9 +9,11 @@ The tree, and what happens next when each is raised::
     │                         the others still load (exit 2 if the config names it)
     ├── SinkError             a sink could not write a batch; the framework keeps the batch,
     │                         reports once per episode, and retries with backoff
-    │   └── SinkClosed        the sink's destination is gone for good (stdout's reader left):
-    │                         no retry; its records are counted as dropped; when every sink
-    │                         is closed the agent stops, exit 1
+    │   ├── SinkClosed        the sink's destination is gone for good (stdout's reader left):
+    │   │                     no retry; its records are counted as dropped; when every sink
+    │   │                     is closed the agent stops, exit 1
+    │   └── SinkRejected      this batch can never be written (a record the sink cannot
+    │                         serialize): the batch is dropped and counted, the sink goes on
     └── ProcessError          one process could not be sampled; becomes one record, never a crash
         ├── ProcessGone       (also ProcessLookupError) the process exited: an ``exit`` record
         └── ProcessDenied     (also PermissionError) not allowed to read it: one ``error`` record
@@ -65,6 +67,14 @@ class SinkClosed(SinkError):
     """The sink can never write again (the reader of stdout closed the pipe), so retrying is
     pointless. The framework stops calling ``write``, counts the batch and every later record
     for this sink as dropped, and logs it once; when every sink is closed the agent stops."""
+
+
+class SinkRejected(SinkError):
+    """This batch can never be written, however often it is retried (a record the sink cannot
+    serialize). The framework drops the batch, counts it (``rejected``), logs once per episode
+    and goes on with the next batch: one poison record must not block a sink forever. Any
+    unexpected exception (not a SinkError) that repeats for the same batch is treated the same
+    way after a few attempts."""
 
 
 class ProcessError(MemagentError):

@@ -10,6 +10,10 @@ Guarantees:
   (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`); the failure is logged once per episode
   and the recovery once. Meanwhile new records wait in the queue under its ``when_full`` policy.
 - ``write`` is never called concurrently with itself, and ``close`` only after the last write.
+- A batch the sink can never write (:class:`~memagent.errors.SinkRejected`, or an unexpected
+  exception — not a SinkError — raised :data:`UNEXPECTED_ATTEMPTS` times for the same batch) is
+  dropped and counted (``rejected``, and in ``dropped``), logged once per episode, and delivery
+  goes on: one poison record never blocks a sink.
 - A sink that raises :class:`~memagent.errors.SinkClosed` (its destination is gone for good)
   is not retried: that batch, what is queued and every later record for it are counted as
   dropped, one error line says so, and :meth:`Fanout.every_sink_closed` lets the agent stop
@@ -31,12 +35,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from memagent.contracts import Record, Sink
-from memagent.errors import SinkClosed
+from memagent.errors import SinkClosed, SinkError, SinkRejected
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 0.1  # seconds: quick enough to ride over a momentary EAGAIN-like hiccup
 BACKOFF_MAX = 30.0  # seconds: a dead disk is retried twice a minute, not hammered
+UNEXPECTED_ATTEMPTS = 3  # a bug in a sink (KeyError on a record) is not a destination that is down
+#: What the framework reports for every outlet; a sink's own counter of the same name is
+#: published as ``sink_<name>`` instead, so it can never hide the framework's.
+FRAMEWORK_COUNTERS = ("type", "queued", "written", "dropped", "rejected", "failures", "retries", "reopens")
 
 
 #: Seconds a sink's ``close()`` may take past the drain deadline (an fsync, a last goodbye to
@@ -74,6 +82,8 @@ class Outlet:
         self.failures = 0
         self.retries = 0
         self.reopens = 0
+        self.rejected = 0
+        self._rejecting = False
 
     def accepts(self, record: Record) -> bool:
         """Whether this outlet wants the record (``agent`` records go to every sink)."""
@@ -87,8 +97,10 @@ class Outlet:
         """Counters for ``agent`` records."""
         stats: dict[str, Any] = {"type": type(self.sink).name, "queued": self.queued,
                                  "written": self.written, "dropped": self.dropped,
-                                 "failures": self.failures, "retries": self.retries}
-        stats.update(self.extra)
+                                 "rejected": self.rejected, "failures": self.failures,
+                                 "retries": self.retries, "reopens": self.reopens}
+        for key, value in self.extra.items():
+            stats[f"sink_{key}" if key in FRAMEWORK_COUNTERS else key] = value
         return stats
 
     async def start(self) -> None:
@@ -171,6 +183,7 @@ class Outlet:
 
     async def _write_with_retry(self, batch: list[Record]) -> None:
         delay = BACKOFF_FIRST
+        unexpected = 0
         while True:
             try:
                 await self.sink.write(batch)
@@ -179,7 +192,16 @@ class Outlet:
             except SinkClosed as exc:
                 self._close_for_good(len(batch), _describe(exc))
                 return
+            except SinkRejected as exc:
+                self._reject(batch, _describe(exc))
+                return
             except Exception as exc:  # noqa: BLE001 - a sink's failure must never stop the agent
+                if not isinstance(exc, SinkError):
+                    unexpected += 1
+                    if unexpected >= UNEXPECTED_ATTEMPTS:
+                        self._reject(batch, f"{type(exc).__name__}: {_describe(exc)} "
+                                            f"({unexpected} attempts; a bug in the sink?)")
+                        return
                 self.failures += 1
                 if not self._failing:
                     self._failing = True
@@ -192,8 +214,19 @@ class Outlet:
             if self._failing:
                 self._failing = False
                 log.warning("sink %s: writing again after %d failed attempts", self.name, self.failures)
+            self._rejecting = False
             self.written += len(batch)
             return
+
+    def _reject(self, batch: list[Record], why: str) -> None:
+        """Drop a batch that can never be written; count it; log once per episode."""
+        self.rejected += len(batch)
+        self.dropped += len(batch)
+        self._failing = False
+        if not self._rejecting:
+            self._rejecting = True
+            log.error("sink %s: a batch of %d records (seq %d-%d) can never be written: %s; dropped "
+                      "and counted, delivery goes on", self.name, len(batch), batch[0].seq, batch[-1].seq, why)
 
     def _close_for_good(self, unwritten: int, why: str) -> None:
         self.closed_reason = why
