@@ -205,9 +205,9 @@ async def run_until_signalled(agent: Agent, *, once: bool = False, duration: flo
     finally:
         if timer is not None:
             timer.cancel()
-        for signum, previous in handled:
-            loop.remove_signal_handler(signum)
-            if signum == signal.SIGHUP:  # never back to SIGHUP's default action (terminate)
-                signal.signal(signum, signal.SIG_IGN)
+        for handled_signum, previous in handled:
+            loop.remove_signal_handler(handled_signum)
+            if handled_signum == signal.SIGHUP:  # never back to SIGHUP's default action (terminate)
+                signal.signal(handled_signum, signal.SIG_IGN)
             elif previous is not None:
-                signal.signal(signum, previous)
+                signal.signal(handled_signum, previous)
