@@ -10,7 +10,15 @@ from pathlib import Path
 
 import orjson
 
+from memagent.options import Options
+from memagent.plugins.sinks.file import FileSink
 from memagent.plugins.sinks.file_rotation import archives_of
+from memagent.testing import sink_context
+
+
+def file_sink(path: Path, **options: object) -> FileSink:
+    """A file sink named ``file`` writing to ``path``, built from options as the agent does."""
+    return FileSink.from_options(Options({"path": str(path), **options}, "sinks[1]"), sink_context("file"))
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -37,9 +45,10 @@ def seqs_anywhere(directory: Path) -> list[int]:
 
 @contextlib.contextmanager
 def tmpfs(mountpoint: Path, size: str = "1m", readonly: bool = False) -> Iterator[Path]:
-    """A real tmpfs mounted at ``mountpoint`` (root only); unmounted afterwards."""
+    """A real tmpfs mounted at ``mountpoint`` (root only); unmounted afterwards. Its root is
+    0755 like a log directory (tmpfs defaults to 1777, which the file sink reports)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    options = f"size={size}" + (",ro" if readonly else "")
+    options = f"size={size},mode=0755" + (",ro" if readonly else "")
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], check=True,
                    capture_output=True)
     try:
@@ -56,3 +65,16 @@ def can_mount(tmp_path: Path) -> bool:
             return True
     except (subprocess.CalledProcessError, FileNotFoundError):
         return False
+
+
+def root_only_file(path: Path, content: bytes = b"root-only secret\n") -> Path:
+    """A 0600 file of root's that the attacker wants the agent to write, read or delete."""
+    path.write_bytes(content)
+    path.chmod(0o600)
+    return path
+
+
+def fingerprint(path: Path) -> tuple[bytes, int, int]:
+    """What must not change in a victim file: content, mode, modification time."""
+    status = path.stat()
+    return path.read_bytes(), status.st_mode, status.st_mtime_ns

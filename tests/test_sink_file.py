@@ -18,11 +18,7 @@ from memagent.plugins.sinks.file import FileSink
 from memagent.plugins.sinks.file_rotation import archives_of, next_boundary
 from memagent.testing import make_records, sink_context
 
-from filesink_helpers import can_mount, read_lines, seqs_in_order, tmpfs
-
-
-def file_sink(path: Path, **options: object) -> FileSink:
-    return FileSink.from_options(Options({"path": str(path), **options}, "sinks[1]"), sink_context("file"))
+from filesink_helpers import can_mount, file_sink, read_lines, seqs_in_order, tmpfs
 
 
 async def test_batches_become_lines_with_0640_and_0750(tmp_path: Path) -> None:

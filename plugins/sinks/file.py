@@ -15,6 +15,19 @@ Guarantees:
   Truncated (logrotate ``copytruncate``) → noticed and counted; appending continues at the new end.
 - Files are created with ``mode`` (default 0640, exactly, whatever the umask), missing
   directories, each level, with ``dir_mode`` (0750, less what the umask removes).
+- Safe in a directory others can write (see :mod:`~memagent.plugins.sinks.file_rotation`):
+  nobody who can write to the log directory can make the agent append to, create, overwrite,
+  gzip, rename onto or delete a file outside it. No link at a name in the directory is ever
+  followed, nor is the directory itself ever a link; temporary files are created afresh
+  (``O_EXCL``); the live file and each archive to compress must be a regular file owned by the
+  agent's user with one hard link (a FIFO or character device such as ``/dev/full`` only where
+  nobody else can write). Every step after opening the directory is relative to its held
+  descriptor. Pruning unlinks only names of this sink's archives, never a link's target. A
+  refused path is one ``SinkError`` (``<path>: refusing to open: is a symbolic link``), counted
+  in ``refused_paths`` and ``write_errors``, and retried like any other failure. A log directory
+  that users other than root and the agent's may write is reported once (logrotate's check).
+  Trusted: the directories above the log directory, and a link among them where only root and
+  the agent's user can have placed it (``/var/run -> /run``); a link elsewhere is refused.
 - ``fsync``: ``never`` (the kernel writes back, ~30 s), ``batch`` (each batch is on disk before the
   next is taken), ``interval`` (the default: a batch is fsynced at most ``fsync_interval`` after it
   was written, also when no further batch comes). Close always fsyncs, so on SIGTERM every record
@@ -46,7 +59,16 @@ import aiofiles.os
 from memagent.contracts import Record, SinkContext
 from memagent.errors import ConfigError, SinkError
 from memagent.options import Options
-from memagent.plugins.sinks.file_rotation import archive_name, compress, next_boundary, prune
+from memagent.plugins.sinks.file_rotation import (
+    Refused,
+    archive_name,
+    compress,
+    next_boundary,
+    open_directory,
+    open_live,
+    prune,
+    shared_directory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +85,6 @@ def parse_mode(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
         raise ConfigError(key, f'must be an octal mode like "0640", got {value!r}')
     return value
-
-
-def make_dirs(directory: str, mode: int) -> None:
-    """Create ``directory`` and every missing parent with ``mode`` (``os.makedirs`` gives only the
-    leaf the mode since Python 3.7; parents would get 0777 less the umask)."""
-    missing = []
-    while directory and not os.path.isdir(directory):
-        missing.append(directory)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, mode)
 
 
 class FileSink:
@@ -112,6 +119,8 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self.fsync_interval = fsync_interval
         self.path = ""
         self._file: Any = None
+        self._directory: int | None = None  # descriptor of the live file's directory, held
+        self._warned: set[str] = set()  # directories reported as writable by others
         self._identity: tuple[int, int] | None = None
         self._size = 0
         self._regular = True  # False for /dev/full, a FIFO: no size, no truncation, no rotation
@@ -125,7 +134,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._fsync_failing = False
         self._open_problem: str | None = None
         for counter in ("bytes_written", "rotations", "reopens", "truncations", "write_errors",
-                        "fsyncs", "fsync_errors"):
+                        "fsyncs", "fsync_errors", "refused_paths"):
             context.counters.setdefault(counter, 0)
 
     @classmethod
@@ -160,21 +169,24 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         return rendered.replace("{host}", self.context.hostname)
 
     async def _open(self, path: str) -> None:
+        """Open the directory afresh (it may have been replaced), then the file in it."""
         directory = os.path.dirname(path)
-        if directory and not await aiofiles.os.path.isdir(directory):
-            await asyncio.to_thread(make_dirs, directory, self.dir_mode)
-        created = not await aiofiles.os.path.exists(path)
-
-        def opener(name: str, flags: int) -> int:
-            return os.open(name, flags | os.O_CLOEXEC, self.mode)
-
-        handle = await aiofiles.open(path, "ab", buffering=0, opener=opener)
+        fd = await asyncio.to_thread(open_directory, directory, self.dir_mode)
+        self._forget_directory()
+        self._directory = fd
+        where = os.fstat(fd)
+        shared = shared_directory(where)
+        if shared and directory not in self._warned:
+            self._warned.add(directory)
+            self.context.report(
+                f"file sink {self.context.name}: directory {directory or '.'} is writable by others "
+                f"(owner uid {where.st_uid}, mode {stat.S_IMODE(where.st_mode):04o}); memagent refuses "
+                "links there but consider a directory only root can write")
+        fd, opened = await asyncio.to_thread(open_live, fd, path, self.mode, not shared)
         try:
-            opened = os.fstat(handle.fileno())
-            if created:
-                os.fchmod(handle.fileno(), self.mode)  # exactly the configured mode, whatever the umask
-        except OSError:
-            await handle.close()
+            handle = await aiofiles.open(fd, "ab", buffering=0)
+        except BaseException:
+            os.close(fd)
             raise
         self._file, self.path = handle, path
         self._identity = (opened.st_dev, opened.st_ino)
@@ -183,6 +195,18 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         if self._open_problem is not None:
             log.info("file sink %s: %s is writable again", self.context.name, path)
             self._open_problem = None
+
+    def _forget_directory(self) -> None:
+        if self._directory is not None:
+            os.close(self._directory)
+            self._directory = None
+
+    def _explain(self, exc: OSError, path: str) -> str:
+        """``<path>: <why>`` for a failure; a refused path is counted too."""
+        if isinstance(exc, Refused):
+            self.context.counters["refused_paths"] += 1
+            return str(exc)
+        return f"{path}: {exc.strerror or exc}"
 
     async def _close_file(self) -> None:
         handle = self._file
@@ -231,7 +255,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         try:
             await self._open(path)
         except OSError as exc:
-            self._open_problem = f"{path}: {exc.strerror or exc}"
+            self._open_problem = self._explain(exc, path)
             self.context.report(f"file sink {self.context.name}: cannot open {self._open_problem}; "
                                 "records wait in its queue and the path is retried")
 
@@ -245,7 +269,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             await self._open(path)
             return
         try:
-            at_path = await aiofiles.os.stat(path)
+            at_path = await aiofiles.os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             at_path = None
         if at_path is None or (at_path.st_dev, at_path.st_ino) != self._identity:
@@ -270,24 +294,33 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         if not (by_size or (by_time and self._size > 0)):
             return
         await self._close_file()
-        archive = archive_name(self.path, now)
-        await aiofiles.os.rename(self.path, archive)
+        live, archive = self.path, archive_name(self.path, now)
+        directory = os.dup(self._directory)  # type: ignore[arg-type]  # set while the file is open
+        try:
+            await asyncio.to_thread(os.rename, os.path.basename(live), os.path.basename(archive),
+                                    src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            os.close(directory)
+            raise
         self.context.counters["rotations"] += 1
-        await self._open(self.path)
-        task = asyncio.create_task(self._archive(archive))
+        task = asyncio.create_task(self._archive(directory, live, archive))
         self._housekeeping.add(task)
         task.add_done_callback(self._housekeeping.discard)
+        await self._open(live)
 
-    async def _archive(self, archive: str) -> None:
+    async def _archive(self, directory: int, live: str, archive: str) -> None:
+        """Compress and prune in the directory the archive was renamed in (its own descriptor)."""
         try:
             async with self._archiving:
                 if self.compress:
-                    await asyncio.to_thread(compress, archive, self.mode)
-                await asyncio.to_thread(prune, self.path, self.keep)
+                    await asyncio.to_thread(compress, directory, archive, self.mode)
+                await asyncio.to_thread(prune, directory, live, self.keep)
         except OSError as exc:
             self.context.counters["archive_errors"] = self.context.counters.get("archive_errors", 0) + 1
-            self.context.report(f"file sink {self.context.name}: archiving {archive} failed: "
-                                f"{exc.strerror or exc}; the uncompressed archive is kept")
+            self.context.report(f"file sink {self.context.name}: archiving failed: "
+                                f"{self._explain(exc, archive)}; archives are left as they are")
+        finally:
+            os.close(directory)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -307,7 +340,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         except OSError as exc:
             self.context.counters["write_errors"] += 1
             await self._forget_file()
-            raise SinkError(f"{self.path or self.render_path()}: {exc.strerror or exc}") from exc
+            raise SinkError(self._explain(exc, self.path or self.render_path())) from exc
         self._size += len(data)
         self.context.counters["bytes_written"] += len(data)
         self._dirty = True
@@ -358,7 +391,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             try:
                 await self._open(path)
             except OSError as exc:
-                raise SinkError(f"{path}: {exc.strerror or exc}") from exc
+                raise SinkError(self._explain(exc, path)) from exc
 
     async def close(self) -> None:
         """fsync and close; wait for compression of the last archive."""
@@ -367,7 +400,10 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             await asyncio.gather(self._flush_task, return_exceptions=True)
         try:
             async with self._io:
-                await self._close_file()
+                try:
+                    await self._close_file()
+                finally:
+                    self._forget_directory()
         finally:
             if self._housekeeping:
                 await asyncio.gather(*self._housekeeping, return_exceptions=True)

@@ -1,22 +1,141 @@
-"""Rotation helpers for the file sink: archive names, clock-aligned boundaries, gzip, pruning.
+"""Disk work for the file sink, safe in a directory that others can write: opening the live file
+and its directory, archive names, clock-aligned boundaries, gzip, pruning.
+
+Nothing here follows a symbolic link at a name in the log directory or writes through an entry
+it did not create itself. The log directory is reached one level at a time, each opened relative
+to its parent's descriptor; it is never a link itself, and a link above it is followed only where
+nobody but root and the agent's user can have placed it (:func:`shared_directory` is false for
+its parent: ``/var/run -> /run`` is fine, a link in ``/tmp`` is not). Every later operation is
+relative to the directory's descriptor (``dir_fd``), so a directory swapped for a link between
+two steps cannot redirect them. A refusal is :class:`Refused`.
 
 Archive names are ``<live name>.<UTC time of rotation>`` with microseconds
 (``memory.ndjson.2026-11-25T05-00-00.000123``, ``.gz`` when compressed), so they sort in time
-order by name and never collide. Compression and pruning block on disk I/O: call them from a
-worker thread, never on the event loop.
+order by name and never collide. Everything but :func:`archive_name` and :func:`next_boundary`
+blocks on disk I/O: call it from a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import math
 import os
+import re
 import shutil
+import stat
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 ARCHIVE_TIME_FORMAT = "%Y-%m-%dT%H-%M-%S.%f"
+#: What follows ``<live name>`` in the name of an archive this sink made; nothing else is pruned.
+ARCHIVE_SUFFIX = re.compile(r"\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d{6}(?:-\d+)?(?:\.gz)?")
+
+
+class Refused(OSError):
+    """A path the sink will not use: a symbolic link, not a regular file, someone else's file.
+    An ``OSError``, so it fails (and is retried) like any other; ``str()`` is one line."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(errno.EPERM, f"refusing to open: {why}", path)
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def open_entry(directory: int, name: str, flags: int, path: str, mode: int = 0o600, *,
+               follow: bool = False) -> int:
+    """``os.open`` of ``name`` relative to ``directory`` (close-on-exec, never a controlling
+    terminal), not following a link at ``name`` unless ``follow``: a link there (or a FIFO or
+    socket that ``O_NONBLOCK`` could not open) raises :class:`Refused`. ``path`` names it."""
+    flags |= os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW)
+    try:
+        return os.open(name, flags, mode, dir_fd=directory)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+            raise
+        try:
+            found = os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISLNK(found) and not follow:
+            raise Refused(path, "is a symbolic link") from None
+        if exc.errno == errno.ENXIO and not stat.S_ISREG(found):
+            raise Refused(path, "not a regular file") from None
+        raise
+
+
+def open_directory(path: str, mode: int) -> int:
+    """A descriptor of directory ``path``, reached one level at a time from ``/`` (or the working
+    directory). The last level is never a link; one above it is followed only if its parent is
+    not :func:`shared_directory`; else :class:`Refused`. Missing levels are created with ``mode``
+    (less the umask) by ``mkdir`` relative to the parent's descriptor, never through a link."""
+    top = "/" if path.startswith("/") else ""
+    names = [name for name in path.split("/") if name]
+    fd = os.open(top or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for depth, name in enumerate(names, 1):
+            where = os.path.join(top, *names[:depth])
+            follow = depth < len(names) and not shared_directory(os.fstat(fd))
+            try:
+                level = open_entry(fd, name, os.O_RDONLY | os.O_DIRECTORY, where, follow=follow)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, mode, dir_fd=fd)
+                level = open_entry(fd, name, os.O_RDONLY | os.O_DIRECTORY, where)
+            os.close(fd)
+            fd = level
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def shared_directory(where: os.stat_result) -> bool:
+    """Whether someone other than root and the agent's user may add entries to a directory:
+    owned by another user, world-writable (sticky or not), or group-writable by a group other
+    than root's (logrotate's test, plus the owner)."""
+    return (where.st_uid not in (0, os.geteuid()) or bool(where.st_mode & stat.S_IWOTH)
+            or bool(where.st_mode & stat.S_IWGRP and where.st_gid != 0))
+
+
+def check_opened(fd: int, path: str, special_ok: bool = False) -> os.stat_result:
+    """``fstat`` what was opened: a regular file owned by the agent's user with no other hard
+    link, or (only if ``special_ok``) a FIFO or character device; else :class:`Refused`."""
+    found = os.fstat(fd)
+    if stat.S_ISREG(found.st_mode):
+        if found.st_uid != os.geteuid():
+            raise Refused(path, f"owned by uid {found.st_uid}, not the agent's ({os.geteuid()})")
+        if found.st_nlink > 1:
+            raise Refused(path, f"has {found.st_nlink} hard links")
+    elif not (special_ok and (stat.S_ISFIFO(found.st_mode) or stat.S_ISCHR(found.st_mode))):
+        raise Refused(path, "not a regular file")
+    return found
+
+
+def open_live(directory: int, path: str, mode: int, special_ok: bool) -> tuple[int, os.stat_result]:
+    """Open the live file ``path`` (in ``directory``) to append; create it with exactly ``mode``
+    if missing. Only a regular file of ours (:func:`check_opened`) unless ``special_ok``; without
+    it, the open does not block (a FIFO planted there cannot stall the sink)."""
+    name = os.path.basename(path)
+    flags = os.O_WRONLY | os.O_APPEND | (0 if special_ok else os.O_NONBLOCK)
+    created = True
+    try:
+        fd = open_entry(directory, name, flags | os.O_CREAT | os.O_EXCL, path, mode)
+    except FileExistsError:  # also a dangling link: O_EXCL never follows one
+        created = False
+        fd = open_entry(directory, name, flags, path)
+    try:
+        opened = check_opened(fd, path, special_ok)
+        if created:
+            os.fchmod(fd, mode)  # exactly the configured mode, whatever the umask
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, opened
 
 
 def archive_name(live_path: str, now: float | None = None) -> str:
@@ -24,7 +143,7 @@ def archive_name(live_path: str, now: float | None = None) -> str:
     stamp = datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime(ARCHIVE_TIME_FORMAT)
     candidate = f"{live_path}.{stamp}"
     suffix = 0
-    while os.path.exists(candidate) or os.path.exists(candidate + ".gz"):
+    while os.path.lexists(candidate) or os.path.lexists(candidate + ".gz"):
         suffix += 1
         candidate = f"{live_path}.{stamp}-{suffix}"
     return candidate
@@ -35,37 +154,54 @@ def next_boundary(now: float, interval: float) -> float:
     return (math.floor(now / interval) + 1) * interval
 
 
-def compress(path: str, mode: int) -> str:
-    """gzip ``path`` to ``path.gz`` (written to a temporary name, then renamed), remove ``path``."""
-    target = path + ".gz"
-    partial = target + ".partial"
-    with open(path, "rb") as source:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as packed:
-            shutil.copyfileobj(source, packed, 1 << 20)
-    os.replace(partial, target)
-    os.unlink(path)
-    return target
+def compress(directory: int, path: str, mode: int) -> str:
+    """gzip the archive ``path`` (in ``directory``) to ``path.gz``, then remove ``path``.
+
+    The archive must be a regular file of ours (:func:`check_opened`), opened without following
+    a link. The gzip goes to ``path.gz.partial``, created afresh (``O_EXCL``; an entry already
+    there, a crash's leftover or planted, is unlinked first, which never touches a link's
+    target), then renamed to ``path.gz``.
+    """
+    name = os.path.basename(path)
+    partial = name + ".gz.partial"
+    source = open_entry(directory, name, os.O_RDONLY | os.O_NONBLOCK, path)
+    with open(source, "rb") as reader:
+        check_opened(source, path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=directory)
+        fd = open_entry(directory, partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                        path + ".gz.partial", mode)
+        with open(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as packed:
+            shutil.copyfileobj(reader, packed, 1 << 20)
+    os.replace(partial, name + ".gz", src_dir_fd=directory, dst_dir_fd=directory)
+    os.unlink(name, dir_fd=directory)
+    return path + ".gz"
+
+
+def archive_names(names: Iterable[str], live_name: str) -> list[str]:
+    """The names among ``names`` of archives of ``live_name``, oldest first (by name, which is
+    by time). Only names this module makes: never ``.partial``, never logrotate's ``.1``."""
+    return sorted(n for n in names if n.startswith(live_name) and ARCHIVE_SUFFIX.fullmatch(n, len(live_name)))
 
 
 def archives_of(live_path: str) -> list[str]:
-    """Existing archives of ``live_path``, oldest first (by name, which is by time)."""
-    directory, base = os.path.split(live_path)
-    prefix = base + "."
+    """Existing archives of ``live_path``, oldest first."""
+    directory, live_name = os.path.split(live_path)
     try:
         names = os.listdir(directory or ".")
     except FileNotFoundError:
         return []
-    found = [n for n in names if n.startswith(prefix) and n[len(prefix):len(prefix) + 1].isdigit()
-             and not n.endswith(".partial")]
-    return [os.path.join(directory, n) for n in sorted(found)]
+    return [os.path.join(directory, n) for n in archive_names(names, live_name)]
 
 
-def prune(live_path: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` archives; returns what was deleted."""
-    archives = archives_of(live_path)
+def prune(directory: int, live_path: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` archives of ``live_path`` (in ``directory``); returns
+    what was deleted. ``unlink`` only: an archive-named link goes, never what it points to; an
+    archive-named directory stays."""
+    live_name = os.path.basename(live_path)
+    archives = archive_names(os.listdir(directory), live_name)
     doomed = archives[:-keep] if keep > 0 else archives
-    for path in doomed:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    return doomed
+    for name in doomed:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(name, dir_fd=directory)
+    return [os.path.join(os.path.dirname(live_path), name) for name in doomed]
