@@ -226,7 +226,8 @@ class Outlet:
         if not self._rejecting:
             self._rejecting = True
             log.error("sink %s: a batch of %d records (seq %d-%d) can never be written: %s; dropped "
-                      "and counted, delivery goes on", self.name, len(batch), batch[0].seq, batch[-1].seq, why)
+                      "and counted, delivery goes on",
+                      self.name, len(batch), batch[0].seq, batch[-1].seq, why)
 
     def _close_for_good(self, unwritten: int, why: str) -> None:
         self.closed_reason = why

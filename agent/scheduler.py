@@ -202,7 +202,8 @@ class Scheduler:
                     await asyncio.wait_for(stop.wait(), delay)
                     return
                 except TimeoutError:
-                    pass
+                    if stop.is_set():  # set while the loop was busy: no tick after a stop
+                        return
             late_slot = math.floor(time.time() / interval + 0.5)
             if late_slot > slot:
                 self.counters.ticks_skipped += late_slot - slot
