@@ -6,7 +6,8 @@ JSON message (``{"target": ["api"], "pid": [42], "type": ["sample"], "fields": [
 :class:`BadFilter`, whose message is fit to send as a close reason (<= 123 bytes).
 
 Projection keeps the named top-level fields plus ``seq`` and ``type``, so a client can always
-detect loss and tell records apart.
+detect loss and tell records apart. Projected bytes are shared through a :data:`Projections`
+cache: clients with the same ``fields`` get the same bytes object for a record, not a copy each.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from memagent.contracts import Record
 RECORD_TYPES = frozenset({"sample", "start", "exit", "error", "agent"})
 FILTER_KEYS = ("target", "pid", "type", "fields", "since")
 ALWAYS_KEPT = ("seq", "type")
+
+Projections = dict[tuple[int, tuple[str, ...]], bytes]
+"""Projected records by (``id(record)``, fields): valid while the records it was filled from are
+alive, so keep one for one batch (one ``write``) and then let it go."""
 
 
 class BadFilter(ValueError):
@@ -46,12 +51,19 @@ class Subscription:
             return False
         return self.pids is None or record.pid in self.pids
 
-    def encode(self, record: Record) -> bytes:
-        """The record as JSON for this client: the shared bytes unless a projection applies."""
+    def encode(self, record: Record, projections: Projections | None = None) -> bytes:
+        """The record as JSON for this client: the shared bytes unless a projection applies; a
+        projection made once per ``projections`` cache and then shared."""
         if self.fields is None:
             return record.json
+        key = (id(record), self.fields)
+        if projections is not None and (cached := projections.get(key)) is not None:
+            return cached
         fields = record.fields
-        return orjson.dumps({k: fields[k] for k in (*ALWAYS_KEPT, *self.fields) if k in fields})
+        projected = orjson.dumps({k: fields[k] for k in (*ALWAYS_KEPT, *self.fields) if k in fields})
+        if projections is not None:
+            projections[key] = projected
+        return projected
 
 
 def _strings(key: str, value: Any) -> list[str]:
