@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+
+import attacker
+
+
+def pytest_report_header() -> str:
+    """The deadline factor in force (MEMAGENT_TEST_TIMEOUT_FACTOR), next to pytest's own header."""
+    from cli_helpers import TIMEOUT_FACTOR
+
+    return f"memagent: every test deadline x{TIMEOUT_FACTOR:g} (MEMAGENT_TEST_TIMEOUT_FACTOR)"
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +47,9 @@ def write_config(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def attacker_dir() -> Iterator[Path]:
+    """A directory the unprivileged attacker (uid 65534) may write: see tests/attacker.py."""
+    yield from attacker.writable_dir()

@@ -199,3 +199,23 @@ def test_cli_forced_psutil_on_linux_matches_ps(write_config: Callable[[str], Pat
     assert set(sample["platform"]) == SEED_TABLE["linux"] and set(sample["full"]) == {"uss", "pss", "swap"}
     assert abs(sample["portable"]["rss"] - ps_rss) <= 2 * 4096
     assert abs(sample["portable"]["vms"] - ps_vsz) <= 2 * 4096
+
+
+
+def test_psutil_backend_caps_command_lines_like_linux() -> None:
+    """A process with 1 MiB of arguments through psutil: cut to 32 KiB and marked, and the mark
+    survives a reparenting (the listing rebuilds the info)."""
+    from test_backend_psutil import backend_for
+
+    from memagent.contracts import CMDLINE_MAX_BYTES
+
+    from fake_psutil import PMEM, FakePsutil, fill
+
+    fake = FakePsutil()
+    fake.add(4, fill(PMEM["darwin"]), cmdline=["/bin/big"] + ["x" * 4096] * 256)
+    backend = backend_for("darwin", fake)
+    [info] = backend.list_processes()
+    assert info.cmdline_truncated and len("\0".join(info.cmdline).encode()) <= CMDLINE_MAX_BYTES
+    fake.table[4]["ppid"] = 77
+    [info] = backend.list_processes()
+    assert info.ppid == 77 and info.cmdline_truncated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from memagent.config import default_config_text, expand_variables, parse_config
 from memagent.errors import ConfigError
 
 from bad_configs import BAD_CONFIGS, MINIMAL
+from cli_helpers import run_cli
 
 
 def test_minimal_config_defaults_to_stdout_and_one_second() -> None:
@@ -73,3 +75,30 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'nope.toml'}: no such file")):
         load_config(tmp_path / "nope.toml")
+
+
+
+def test_required_variable_with_message() -> None:
+    """${VAR:?message} expands when set; unset or empty it is an error carrying the message."""
+    assert expand_variables('h = "${HOST_X:?set HOST_X}"\n', {"HOST_X": "web-1"}) == 'h = "web-1"\n'
+    with pytest.raises(ConfigError, match=r"line 1: \$\{HOST_X\} is not set: set HOST_X to the hostname"):
+        expand_variables('h = "${HOST_X:?set HOST_X to the hostname}"\n', {})
+    with pytest.raises(ConfigError, match=r"\$\{HOST_X\} is empty: must not be empty"):
+        expand_variables('h = "${HOST_X:?must not be empty}"\n', {"HOST_X": ""})
+
+
+@pytest.mark.parametrize("reference", ["${A-x}", "${A:=x}", "${A?x}", "${ A }", "${}", "${A", "${A:+x}"])
+def test_unsupported_reference_is_an_error_not_literal_text(reference: str) -> None:
+    """Any ${...} form but ${VAR}, ${VAR:-d}, ${VAR:?m} is refused, never passed through."""
+    with pytest.raises(ConfigError, match="not a supported reference"):
+        expand_variables(f'x = "{reference}"\n', {"A": "1"})
+
+
+def test_required_variable_from_the_cli(write_config: Callable[[str], Path]) -> None:
+    """`memagent check` on ${MEMAGENT_HOST_T:?...} unset: exit 2 and one line with the message."""
+    config = write_config('[agent]\nhostname = "${MEMAGENT_HOST_T:?must be set}"\n'
+                          '[[targets]]\nname = "me"\nself = true\n')
+    result = run_cli("check", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "memagent: error: line 2: ${MEMAGENT_HOST_T} is not set: must be set"]

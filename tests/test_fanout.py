@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 
 from memagent.contracts import Record
 from memagent.fanout import Fanout, Outlet
+from memagent.records import RecordMaker
 from memagent.testing import RecordingSink, make_records
+
+from cli_helpers import scaled, until
 
 
 def outlet(sink: RecordingSink, *, queue: int = 100, when_full: str = "drop_oldest", batch: int = 10,
@@ -25,7 +29,7 @@ async def test_records_arrive_in_order_in_batches() -> None:
     await out.start()
     for record in make_records(50):
         out.offer(record)
-    await out.drain(time.monotonic() + 5)
+    await out.drain(time.monotonic() + scaled(5))
     assert [r.seq for r in sink.records] == list(range(1, 51))
     assert max(len(b) for b in sink.batches) <= 7
     assert sink.calls[0] == "start" and sink.calls[-1] == "close"
@@ -40,14 +44,14 @@ async def test_drop_oldest_keeps_the_newest_and_counts(caplog: pytest.LogCapture
     await out.start()
     records = make_records(40)
     out.offer(records[0])
-    await asyncio.sleep(0)  # the first batch (record 1) is now in the stalled write
+    await until(lambda: sink.calls.count("write") == 1)  # the first batch (record 1) is in the stalled write
     with caplog.at_level(logging.WARNING):
         for record in records[1:]:
             out.offer(record)
     assert out.dropped == 29
     assert sum("dropping records" in m for m in caplog.messages) == 1
     sink.gate.set()
-    await out.drain(time.monotonic() + 5)
+    await out.drain(time.monotonic() + scaled(5))
     assert [r.seq for r in sink.records] == [1] + list(range(31, 41))
 
 
@@ -59,11 +63,11 @@ async def test_drop_newest_keeps_the_oldest() -> None:
     await out.start()
     records = make_records(30)
     out.offer(records[0])
-    await asyncio.sleep(0)
+    await until(lambda: sink.calls.count("write") == 1)  # record 1 is in the stalled write
     for record in records[1:]:
         out.offer(record)
     sink.gate.set()
-    await out.drain(time.monotonic() + 5)
+    await out.drain(time.monotonic() + scaled(5))
     assert [r.seq for r in sink.records] == list(range(1, 12))
     assert out.dropped == 19
 
@@ -77,7 +81,7 @@ async def test_block_waits_for_room_and_drops_nothing() -> None:
     for record in make_records(100):
         await fanout.publish(record)
         assert out.queued <= 3 + 2
-    await fanout.drain(5)
+    await fanout.drain(scaled(5))
     assert [r.seq for r in sink.records] == list(range(1, 101))
     assert out.dropped == 0
 
@@ -91,7 +95,7 @@ async def test_failed_batch_is_retried_and_reported_once(caplog: pytest.LogCaptu
     with caplog.at_level(logging.INFO):
         for record in make_records(20):
             out.offer(record)
-        await out.drain(time.monotonic() + 10)
+        await out.drain(time.monotonic() + scaled(10))
     assert [r.seq for r in sink.records] == list(range(1, 21))
     assert out.failures == 3 and out.dropped == 0
     assert sum("write failed" in m for m in caplog.messages) == 1
@@ -110,13 +114,13 @@ async def test_a_sink_closed_for_good_is_not_retried_and_its_records_are_counted
     records = make_records(30)
     with caplog.at_level(logging.INFO):
         await _publish_all(fanout, records[:10])
-        await asyncio.wait_for(fanout.outlets[0].closed.wait(), 5)
+        await asyncio.wait_for(fanout.outlets[0].closed.wait(), scaled(5))
         await _publish_all(fanout, records[10:])
         waiting = asyncio.ensure_future(fanout.every_sink_closed())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # (a check that something does not happen: any pause will do)
         assert not waiting.done()  # the healthy sink is still open
         waiting.cancel()
-        await fanout.drain(5)
+        await fanout.drain(scaled(5))
     closed, ok = fanout.outlets
     assert gone.calls.count("write") == 1 and closed.failures == 0 and closed.retries == 0
     assert closed.dropped == 30 and closed.written == 0 and closed.queued == 0
@@ -133,9 +137,9 @@ async def test_every_sink_closed_says_why() -> None:
         await out.start()
     assert fanout.why_every_sink_closed() is None  # nothing written yet: both still open
     await _publish_all(fanout, make_records(2))
-    await asyncio.wait_for(fanout.every_sink_closed(), 5)
+    await asyncio.wait_for(fanout.every_sink_closed(), scaled(5))
     assert fanout.why_every_sink_closed() == "a: injected: the reader left; b: injected: the reader left"
-    await fanout.drain(5)
+    await fanout.drain(scaled(5))
 
 
 async def test_a_stalled_sink_does_not_slow_another() -> None:
@@ -146,9 +150,8 @@ async def test_a_stalled_sink_does_not_slow_another() -> None:
     for o in fanout.outlets:
         await o.start()
     for record in make_records(500):
-        await fanout.publish(record)
-    await asyncio.sleep(0.05)
-    assert len(healthy.records) == 500
+        await fanout.publish(record)  # never waits: the stuck sink's queue of 5 drops its oldest
+    await until(lambda: len(healthy.records) == 500)
     await fanout.drain(0.2)
     stuck_outlet = fanout.outlets[0]
     assert stuck_outlet.dropped == 500 and stuck.records == []
@@ -175,15 +178,12 @@ async def test_reopen_is_requested_between_writes() -> None:
     out = outlet(sink)
     await out.start()
     out.request_reopen()
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert "reopen" in sink.calls
-    await out.drain(time.monotonic() + 1)
+    await until(lambda: "reopen" in sink.calls)
+    await out.drain(time.monotonic() + scaled(1))
 
 
 async def test_routing_by_target_keeps_agent_records_everywhere() -> None:
     """A sink with targets=["a"] gets target a and agent records only."""
-    from memagent.records import RecordMaker
 
     maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
     a, b = make_records(2, target="a", maker=maker), make_records(2, target="b", maker=maker)
@@ -194,7 +194,7 @@ async def test_routing_by_target_keeps_agent_records_everywhere() -> None:
     fanout = Fanout([out])
     for record in [*a, *b, agent_record]:
         await fanout.publish(record)
-    await fanout.drain(5)
+    await fanout.drain(scaled(5))
     assert [r.target for r in sink.records] == ["a", "a", None]
 
 
@@ -207,10 +207,10 @@ async def test_unblock_frees_a_producer_stuck_on_a_block_outlet() -> None:
     await out.start()
     records = make_records(10)
     producer = asyncio.create_task(_publish_all(fanout, records))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # (a check that something does not happen: any pause will do)
     assert not producer.done()  # waiting for room, as `block` promises
     fanout.unblock()
-    await asyncio.wait_for(producer, 1)
+    await asyncio.wait_for(producer, scaled(5))
     await fanout.drain(0.1)
     assert out.dropped == 10 - len(sink.records)
     assert out.dropped > 0
@@ -219,3 +219,71 @@ async def test_unblock_frees_a_producer_stuck_on_a_block_outlet() -> None:
 async def _publish_all(fanout: Fanout, records: list[Record]) -> None:
     for record in records:
         await fanout.publish(record)
+
+
+
+async def test_poison_record_is_dropped_and_counted_not_retried_forever(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stdout sink in text format cannot render a record without `name` (KeyError): that
+    batch is dropped after a few attempts, counted, logged once, and the next batch is written."""
+    import io
+
+    from memagent.contracts import Record
+    from memagent.fanout import UNEXPECTED_ATTEMPTS
+    from memagent.plugins.sinks.stdout import StdoutSink
+    from memagent.testing import make_records
+
+    stream = io.BytesIO()
+    good = make_records(3)
+    fields = dict(good[0].fields)
+    del fields["name"]
+    poison = Record(99, "sample", "test", 4242, fields, b"{}")
+    outlet = Outlet("text", StdoutSink(text=True, stream=stream), queue=100, when_full="drop_oldest",
+                    batch=1, targets=None)
+    await outlet.start()
+    with caplog.at_level(logging.ERROR, logger="memagent.fanout"):
+        outlet.offer(poison)
+        for record in good:
+            outlet.offer(record)
+        await outlet.drain(time.monotonic() + 30)
+    assert len(stream.getvalue().decode().splitlines()) == 3
+    stats = outlet.stats()
+    assert stats["rejected"] == 1 and stats["dropped"] == 1 and stats["written"] == 3
+    assert stats["failures"] == UNEXPECTED_ATTEMPTS - 1
+    assert len([r for r in caplog.records if "can never be written" in r.getMessage()]) == 1
+
+
+async def test_sink_rejected_drops_only_that_batch() -> None:
+    """A sink raising SinkRejected loses that batch (counted) and nothing else."""
+    from memagent.errors import SinkRejected
+    from memagent.testing import make_records
+
+    class PickySink(RecordingSink):
+        async def write(self, batch: Any) -> None:
+            if any(r.seq == 2 for r in batch):
+                raise SinkRejected("seq 2 cannot be encoded")
+            await super().write(batch)
+
+    sink = PickySink()
+    outlet = Outlet("picky", sink, queue=100, when_full="drop_oldest", batch=1, targets=None)
+    await outlet.start()
+    for record in make_records(4):
+        outlet.offer(record)
+    await outlet.drain(time.monotonic() + 5)
+    assert [r.seq for r in sink.records] == [1, 3, 4]
+    assert outlet.stats()["rejected"] == 1 and outlet.stats()["retries"] == 0
+
+
+async def test_sink_counters_cannot_overwrite_the_framework_ones() -> None:
+    """A sink counter named like a framework one is published as sink_<name>; reopens shows."""
+    outlet = Outlet("rec", RecordingSink(), queue=10, when_full="drop_oldest", batch=1, targets=None,
+                    extra={"dropped": 7, "bytes_written": 5})
+    await outlet.start()
+    outlet.request_reopen()
+    from memagent.testing import make_records
+
+    outlet.offer(make_records(1)[0])
+    await outlet.drain(time.monotonic() + 5)
+    stats = outlet.stats()
+    assert stats["dropped"] == 0 and stats["sink_dropped"] == 7 and stats["bytes_written"] == 5
+    assert stats["reopens"] == 1

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+import memagent.scheduler as scheduler_module
 from memagent.config import TargetConfig
 from memagent.contracts import ProcessInfo
 from memagent.fanout import Fanout, Outlet
@@ -14,6 +21,8 @@ from memagent.records import RecordMaker
 from memagent.scheduler import Scheduler
 from memagent.targets import Selector
 from memagent.testing import FakeBackend, RecordingSink
+
+from cli_helpers import scaled
 
 PORTABLE = {"rss": 8192, "vms": 65536}
 
@@ -32,7 +41,7 @@ def setup(backend: FakeBackend, **target: Any) -> tuple[Scheduler, RecordingSink
 
 
 async def finish(out: Outlet) -> None:
-    await out.drain(time.monotonic() + 5)
+    await out.drain(time.monotonic() + scaled(5))
 
 
 async def test_start_then_samples_then_exit(validate_record: Callable[[dict[str, Any]], None]) -> None:
@@ -108,31 +117,139 @@ async def test_backend_crash_is_counted_not_fatal() -> None:
     assert scheduler.counters.backend_failures == 2
 
 
-async def test_ticks_are_aligned_and_overruns_are_skipped_not_burst() -> None:
-    """Ticks start on interval multiples; a slow tick makes later slots skip, never run twice."""
+class WallClock:
+    """Stands in for the ``time`` module in memagent.scheduler: the real clock, remembering its
+    last reading. Read from inside sample(), that is the reading tick_forever chose the slot by."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def time(self) -> float:
+        self.last = time.time()
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_ticks_are_aligned_and_overruns_are_skipped_not_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticks start on interval multiples, never before; a slow tick makes later slots skip (counted),
+    never run late in a burst, never two in one slot. Checked on the scheduler's own readings of
+    the clock, so a loaded machine (which only delays) cannot fail it."""
+    interval = 0.05
     backend = FakeBackend([proc(10)])
     backend.readings = {10: (PORTABLE, {})}
-    scheduler, sink, out = setup(backend, interval=0.05)
+    scheduler, sink, out = setup(backend, interval=interval)
     await scheduler.rescan()
-    starts: list[float] = []
+    clock = WallClock()
+    monkeypatch.setattr(scheduler_module, "time", clock)
+    decided: list[float] = []
     real_sample = scheduler.sample
+    stop = asyncio.Event()
 
     async def slow_sample(watches: Any) -> None:
-        starts.append(time.time())
+        decided.append(clock.last)
         await real_sample(watches)
-        if len(starts) == 3:
-            time.sleep(0.16)  # block like an overloaded host: slots 4-6 cannot start on time
+        if len(decided) == 3:
+            time.sleep(3.2 * interval)  # block like an overloaded host: the next 2+ slots cannot start
+        if len(decided) == 6:
+            stop.set()  # no further slot is looked at: every skip so far lies between two samples
 
     scheduler.sample = slow_sample  # type: ignore[method-assign]
-    stop = asyncio.Event()
-    task = asyncio.create_task(scheduler.tick_forever(0.05, scheduler.watches, stop))
-    while len(starts) < 6:
-        await asyncio.sleep(0.01)
-    stop.set()
-    await task
-    slots = [round(t / 0.05) for t in starts]
-    offsets = [t - s * 0.05 for t, s in zip(starts, slots, strict=True)]
-    assert all(-0.001 < o < 0.025 for o in offsets), offsets
-    assert slots[3] - slots[2] >= 3  # the overrun's slots were skipped ...
-    assert scheduler.counters.ticks_skipped == sum(b - a - 1 for a, b in zip(slots, slots[1:], strict=False))
-    assert all(b > a for a, b in zip(slots, slots[1:], strict=False))  # never two in one slot
+    await asyncio.wait_for(scheduler.tick_forever(interval, scheduler.watches, stop), scaled(20))
+    slots = [math.floor(t / interval + 0.5) for t in decided]
+    early = [t - s * interval for t, s in zip(decided, slots, strict=True) if t < s * interval - 0.001]
+    assert early == [], "a tick started before its slot"  # (1 ms: time.time vs the loop's monotonic clock)
+    assert all(b > a for a, b in itertools.pairwise(slots)), slots  # never two in one slot
+    assert slots[3] - slots[2] >= 3, slots  # the overrun's slots were skipped, not run late ...
+    assert scheduler.counters.ticks_skipped == sum(b - a - 1 for a, b in itertools.pairwise(slots))
+    assert scheduler.counters.ticks == 6  # ... and counted
+
+
+
+class SlowListing(FakeBackend):
+    """A backend whose listing waits (in its worker thread) until the test lets it finish, so
+    a sample can run in between, as it does under churn."""
+
+    def __init__(self, processes: list[ProcessInfo]) -> None:
+        super().__init__(processes)
+        self.listing_started = threading.Event()
+        self.finish_listing = threading.Event()
+        self.hold = False
+
+    def list_processes(self) -> list[ProcessInfo]:
+        snapshot = list(self.processes)
+        if self.hold:
+            self.listing_started.set()
+            assert self.finish_listing.wait(10)
+        return snapshot
+
+
+async def test_exited_process_never_starts_again_from_a_stale_listing() -> None:
+    """A listing taken while the process lived, applied after a sample saw it gone, does not
+    bring it back: start, exit, and nothing more for that identity."""
+    worker = ProcessInfo(pid=10, ppid=1, name="w", started=100.0)
+    backend = SlowListing([worker])
+    backend.readings = {10: ({"rss": 1, "vms": 1}, {})}
+    sink = RecordingSink()
+    out = Outlet("rec", sink, queue=1000, when_full="drop_oldest", batch=100, targets=None)
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    scheduler = Scheduler(backend, [Selector(TargetConfig(name="t", interval=1.0, all=True))],
+                          maker, Fanout([out]))
+    await out.start()
+    await scheduler.rescan()
+    backend.hold = True
+    rescan = asyncio.create_task(scheduler.rescan())  # lists: the worker is still there
+    await asyncio.to_thread(backend.listing_started.wait, 10)
+    del backend.readings[10]  # the worker exits and is reaped
+    await scheduler.sample(scheduler.watches)  # sees it gone: exit
+    backend.finish_listing.set()
+    await rescan  # applies the stale listing
+    backend.hold = False
+    backend.processes = []
+    await scheduler.rescan()
+    await scheduler.sample(scheduler.watches)
+    await out.drain(time.monotonic() + 5)
+    assert [(r.type, r.pid) for r in sink.records] == [("start", 10), ("exit", 10)]
+
+
+class FailingListing(FakeBackend):
+    def list_processes(self) -> list[ProcessInfo]:
+        raise OSError("procfs unmounted")
+
+
+async def test_listing_failure_is_logged_once_even_while_sampling_works(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Listing fails on every rescan while sampling keeps working: one error line, all counted."""
+    backend = FailingListing([])
+    sink = RecordingSink()
+    out = Outlet("rec", sink, queue=1000, when_full="drop_oldest", batch=100, targets=None)
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    scheduler = Scheduler(backend, [Selector(TargetConfig(name="t", interval=1.0, all=True))],
+                          maker, Fanout([out]))
+    with caplog.at_level(logging.ERROR, logger="memagent.scheduler"):
+        for _ in range(4):
+            await scheduler.rescan()
+            await scheduler.sample(scheduler.watches)
+    assert len([r for r in caplog.records if "listing processes failed" in r.getMessage()]) == 1
+    assert scheduler.counters.backend_failures == 4
+
+
+class ShortChanging(FakeBackend):
+    def sample(self, processes: Any, full: bool) -> Any:
+        return super().sample(processes, full)[:-1]
+
+
+async def test_backend_returning_too_few_results_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """Two processes asked, one result returned: counted and logged, not silently dropped."""
+    backend = ShortChanging([ProcessInfo(pid=10, ppid=1, name="a", started=1.0),
+                             ProcessInfo(pid=11, ppid=1, name="b", started=1.0)])
+    backend.readings = {10: ({"rss": 1, "vms": 1}, {}), 11: ({"rss": 1, "vms": 1}, {})}
+    out = Outlet("rec", RecordingSink(), queue=1000, when_full="drop_oldest", batch=100, targets=None)
+    scheduler = Scheduler(backend, [Selector(TargetConfig(name="t", interval=1.0, all=True))],
+                          RecordMaker(host="h", os_name="linux", backend="fake", tags={}), Fanout([out]))
+    await scheduler.rescan()
+    with caplog.at_level(logging.ERROR, logger="memagent.scheduler"):
+        await scheduler.sample(scheduler.watches)
+    assert scheduler.counters.backend_failures == 1
+    assert "1 results for 2 processes" in caplog.text

@@ -16,19 +16,18 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cli_helpers import MEMAGENT, REPO, parse_records, start_agent, system_tool, wait_for
+from cli_helpers import MEMAGENT, REPO, AgentProcess, Finished, run_agent, system_tool, wait_for
 from filesink_helpers import can_mount, read_lines, seqs_anywhere, seqs_in_order, tmpfs
 
 NOBODY = 65534
 HIGH_RATE = '[agent]\ninterval = "20ms"\nstats_interval = "500ms"\n[[targets]]\nname = "all"\nall = true\n'
 
 
-def stop(agent: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
-    """SIGTERM, wait, and require a clean exit."""
-    agent.send_signal(signal.SIGTERM)
-    out, err = agent.communicate(timeout=60)
-    assert agent.returncode == 0, err.decode()
-    return out, err
+def stop(agent: AgentProcess) -> Finished:
+    """SIGTERM, wait, and require a clean exit; every stdout record and all stderr."""
+    finished = agent.stop(signal.SIGTERM, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    return finished
 
 
 def last_seq(live: Path) -> int:
@@ -51,7 +50,7 @@ def test_dozens_of_rotations_lose_and_repeat_nothing(tmp_path: Path,
     live = tmp_path / "logs" / "memory.ndjson"
     config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\nrotate_size = "40KB"\n'
                           'keep = 10000\ncompress = true\nfsync = "never"\n')
-    agent = start_agent(config)
+    agent = run_agent(config)
     began = time.monotonic()
     wait_for(lambda: len(list(live.parent.glob("memory.ndjson.*.gz"))) >= 36, timeout=60)
     stop(agent)
@@ -72,7 +71,7 @@ def test_real_logrotate_during_a_run(mode: str, tmp_path: Path, write_config: Ca
     logs = tmp_path / "logs"
     live = logs / "memory.ndjson"
     config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\nfsync = "never"\n')
-    agent = start_agent(config)
+    agent = run_agent(config)
     directive = "copytruncate" if mode == "copytruncate" else "create 0640"
     postrotate = (f"    postrotate\n        kill -HUP {agent.pid}\n    endscript\n"
                   if mode == "create+SIGHUP" else "")
@@ -123,7 +122,7 @@ def test_tail_F_and_rsyslog_imfile_receive_every_record(tmp_path: Path,
     long_cmdline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *["x" * 99] * 200])
     config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "all"\nall = true\n'
                           f'[[sinks]]\ntype = "file"\npath = "{live}"\nrotate_size = "200KB"\nkeep = 1000\n')
-    agent = start_agent(config)
+    agent = run_agent(config)
     wait_for(live.exists)
     tailers = [subprocess.Popen(["tail", "-n", "+1", "-F", str(live)], stdout=tail_out.open("wb"),
                                 stderr=subprocess.DEVNULL),
@@ -158,25 +157,20 @@ def test_dev_full_counts_drops_and_spares_stdout(write_config: Callable[[str], P
                           '[[targets]]\nname = "me"\nself = true\n'
                           '[[sinks]]\ntype = "file"\npath = "/dev/full"\nqueue = 20\n'
                           '[[sinks]]\ntype = "stdout"\n')
-    agent = start_agent(config)
-    assert agent.stdout is not None
-    seen: list[bytes] = []
-    while agent.poll() is None:  # until an agent record on stdout shows the file sink dropping
-        seen.append(agent.stdout.readline())
-        record = orjson.loads(seen[-1])
-        if record["type"] == "agent" and record["agent"]["sinks"]["file"]["dropped"] > 0:
-            break
-    out, err = stop(agent)
-    records = parse_records(b"".join(seen).decode() + out.decode())
+    agent = run_agent(config)
+    # until an agent record on stdout shows the file sink dropping
+    agent.wait_for_record(lambda r: r["type"] == "agent" and r["agent"]["sinks"]["file"]["dropped"] > 0)
+    finished = stop(agent)
+    records, err = finished.records, finished.stderr
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # stdout: nothing lost
     final = records[-1]["agent"]["sinks"]["file"]
     assert final["dropped"] > 0 and final["failures"] > 0 and final["written"] == 0
     # every record accounted for: dropped or still queued, but for the final record itself
     assert final["dropped"] + final["queued"] == records[-1]["seq"] - 1
-    errors = [line for line in err.decode().splitlines() if "write failed" in line]
+    errors = [line for line in err.splitlines() if "write failed" in line]
     assert errors == ["memagent ERROR: sink file: write failed: /dev/full: No space left on device; "
                       "retrying with backoff, records wait in its queue (when_full=drop_oldest)"]
-    assert "Traceback" not in err.decode()
+    assert "Traceback" not in err
 
 
 def test_read_only_directory_recovers_when_writable(tmp_path: Path,
@@ -188,16 +182,12 @@ def test_read_only_directory_recovers_when_writable(tmp_path: Path,
         live = disk / "memory.ndjson"
         config = write_config('[agent]\ninterval = "50ms"\n[[targets]]\nname = "me"\nself = true\n'
                               f'[[sinks]]\ntype = "file"\npath = "{live}"\n')
-        agent = start_agent(config)
-        assert agent.stderr is not None
-        before = b""
-        while b"write failed" not in before and agent.poll() is None:  # the first failed write
-            before += agent.stderr.readline()
+        agent = run_agent(config)
+        agent.wait_for_stderr("write failed")  # the first failed write
         subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
         wait_for(lambda: live.exists() and live.stat().st_size > 0, timeout=20)
-        _, err = stop(agent)
+        text = stop(agent).stderr
         seqs = seqs_in_order(live)
-    text = (before + err).decode()
     assert seqs == list(range(1, seqs[-1] + 1))  # the queue held everything during the outage
     assert text.count("Read-only file system") == 2  # the failed open at start, the failed write
     assert "writing again" in text and "Traceback" not in text
@@ -216,22 +206,18 @@ def test_permission_denied_then_granted(tmp_path: Path, write_config: Callable[[
     config = write_config('[agent]\ninterval = "50ms"\n[[targets]]\nname = "me"\nself = true\n'
                           f'[[sinks]]\ntype = "file"\npath = "{live}"\n[[sinks]]\ntype = "stdout"\n')
     # the kernel, not a mock, refuses: without these capabilities root obeys the mode bits
-    agent = subprocess.Popen([setpriv, "--bounding-set=-dac_override,-dac_read_search", *MEMAGENT, "run",
-                              str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    agent = AgentProcess([setpriv, "--bounding-set=-dac_override,-dac_read_search", *MEMAGENT, "run",
+                          str(config)])
     try:
-        assert agent.stderr is not None
-        first = ""
-        while "Permission denied" not in first and agent.poll() is None:  # the failed open at start
-            first += agent.stderr.readline().decode()
-        assert agent.stdout is not None
-        during = [agent.stdout.readline() for _ in range(20)]  # stdout flows during the outage
+        first = agent.wait_for_stderr("Permission denied").string  # the failed open at start
+        agent.wait_for_record(lambda r: r["seq"] >= 20)  # stdout flows during the outage
         os.chown(logs, 0, 0)
         wait_for(lambda: live.exists() and live.stat().st_size > 0, timeout=20)
     finally:
-        out, err = stop(agent)
+        finished = stop(agent)
     file_seqs = seqs_in_order(live)
-    stdout_seqs = [r["seq"] for r in parse_records(b"".join(during).decode() + out.decode())]
-    text = first + err.decode()
+    stdout_seqs = [r["seq"] for r in finished.records]
+    text = finished.stderr
     print(f"\nEACCES then granted: {len(file_seqs)} records in the file, {len(stdout_seqs)} on stdout")
     assert f"{live}: Permission denied" in first and oct(live.stat().st_mode & 0o777) == "0o640"
     assert stdout_seqs == list(range(1, stdout_seqs[-1] + 1))  # the other sink never noticed
@@ -244,7 +230,7 @@ def test_sigterm_under_load_loses_nothing(tmp_path: Path, write_config: Callable
     """SIGTERM at a high rate: the file ends with the final agent record and holds seq 1..N."""
     live = tmp_path / "memory.ndjson"
     config = write_config(HIGH_RATE + f'[[sinks]]\ntype = "file"\npath = "{live}"\n')
-    agent = start_agent(config)
+    agent = run_agent(config)
     wait_for(grows(live, 2000))
     stop(agent)
     lines = read_lines(live)

@@ -20,6 +20,7 @@ from memagent.plugins.sinks.websocket import WebSocketSink
 from memagent.records import RecordMaker
 from memagent.testing import make_records, sink_context
 
+from cli_helpers import until
 from ws_helpers import connect, connected, receive, running_sink, self_signed_cert, stalled_client, url
 
 
@@ -58,8 +59,7 @@ async def test_filter_message_changes_the_subscription() -> None:
         await connected(sink, 1)
         await client.send(json.dumps({"target": ["db"]}))
         [server_side] = sink.clients
-        while server_side.subscription.targets != {"db"}:
-            await asyncio.sleep(0.005)
+        await until(lambda: server_side.subscription.targets == {"db"})
         api, db = make_records(3, target="api", maker=maker), make_records(2, target="db", maker=maker)
         await sink.write(api + db)
         got = await receive(client, 2)
@@ -257,10 +257,7 @@ async def test_thousand_connect_disconnect_cycles_leak_no_tasks_or_fds() -> None
         for _ in range(1000):
             async with connect(url(sink)):
                 pass
-        for _ in range(200):
-            if not sink.clients and len(asyncio.all_tasks()) <= tasks_before:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not sink.clients and len(asyncio.all_tasks()) <= tasks_before, timeout=10)
         fds_after = len(os.listdir("/proc/self/fd"))
         tasks_after = len(asyncio.all_tasks())
         assert sink.context.counters["connections"] == 1001
@@ -274,6 +271,8 @@ async def test_thousand_connect_disconnect_cycles_leak_no_tasks_or_fds() -> None
     ({"tls_cert": "/nonexistent.pem"}, "sinks[1].tls_key: tls_cert and tls_key go together"),
     ({"tokn": "x"}, "sinks[1].tokn: unknown key; did you mean token?"),
     ({"client_queue": 0}, "sinks[1].client_queue: must be at least 1"),
+    ({"client_queue_bytes": 100}, "sinks[1].client_queue_bytes: must be at least 4096 bytes"),
+    ({"replay_bytes": "lots"}, "sinks[1].replay_bytes: must be a positive size"),
 ])
 def test_bad_options_name_the_key(options: dict[str, object], message: str) -> None:
     """Bad websocket options are ConfigErrors starting with the dotted key."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -13,41 +10,28 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import start_agent, system_tool
+from cli_helpers import AgentProcess, run_agent, system_tool
+from ws_helpers import feed_port
 
 TOKEN = "e2e-token-5f1c"  # noqa: S105 - a test token, asserted never to appear in the logs
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-Feed = tuple[subprocess.Popen[bytes], int, list[str]]
-
-
-def feed_port(agent: subprocess.Popen[bytes], log: list[str]) -> int:
-    """Read the agent's stderr until it logs the feed address; returns the bound port."""
-    assert agent.stderr is not None
-    while True:
-        line = agent.stderr.readline().decode()
-        assert line, "agent exited before serving: " + "".join(log)
-        log.append(line)
-        if match := re.search(r"websocket feed on ws://127\.0\.0\.1:(\d+)/", line):
-            return int(match.group(1))
+Feed = tuple[AgentProcess, int]
 
 
 @pytest.fixture
 def feed_agent(write_config: Callable[[str], Path]) -> Iterator[Feed]:
-    """`memagent run` with a token-protected websocket sink on a free port, sampling itself at 5 Hz."""
+    """`memagent run` with a token-protected websocket sink on a free port, sampling itself at 5 Hz;
+    afterwards: a clean exit, and the token nowhere in its debug-level log."""
     config = write_config('[agent]\ninterval = "200ms"\n[[targets]]\nname = "me"\nself = true\n'
                           f'[[sinks]]\ntype = "websocket"\nport = 0\ntoken = "{TOKEN}"\n')
-    agent = start_agent(config, "--log-level", "debug")
-    log: list[str] = []
-    port = feed_port(agent, log)
-    yield agent, port, log
-    agent.send_signal(signal.SIGTERM)
-    _, err = agent.communicate(timeout=30)
-    log.append(err.decode())
-    assert agent.returncode == 0
-    assert TOKEN not in "".join(log), "the token leaked into the logs"
+    with run_agent(config, "--log-level", "debug") as agent:
+        yield agent, feed_port(agent)
+        finished = agent.stop(timeout=30)
+    assert finished.returncode == 0, finished.stderr
+    assert TOKEN not in finished.stderr, "the token leaked into the logs"
 
 
 def websocat() -> str:
@@ -58,24 +42,22 @@ def websocat() -> str:
 
 
 def test_websocat_receives_records(feed_agent: Feed) -> None:
-    """websocat, an external client, reads schema-v1 records with a Bearer token."""
-    _, port, _ = feed_agent
-    client = subprocess.Popen([websocat(), "-n", "--text", f"ws://127.0.0.1:{port}/",
-                               f"-H=Authorization: Bearer {TOKEN}"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert client.stdout is not None
-        records = [json.loads(client.stdout.readline()) for _ in range(3)]
-    finally:
-        client.terminate()
-        client.wait(timeout=10)
-    assert [r["type"] for r in records] == ["sample"] * 3
-    assert records[1]["seq"] == records[0]["seq"] + 1 and records[0]["target"] == "me"
+    """websocat, an external client, reads schema-v1 records with a Bearer token: consecutive
+    seqs, the samples of the target (a start record may come first)."""
+    _, port = feed_agent
+    with AgentProcess([websocat(), "-n", "--text", f"ws://127.0.0.1:{port}/",
+                       f"-H=Authorization: Bearer {TOKEN}"]) as client:
+        samples = [client.wait_for_record(lambda r: r["type"] == "sample") for _ in range(3)]
+        records = client.records
+    seqs = [r["seq"] for r in records]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert {r["target"] for r in samples} == {"me"}
+    assert samples[1]["seq"] > samples[0]["seq"] and samples[0]["schema"] == 1
 
 
 def test_websocat_with_wrong_token_is_refused(feed_agent: Feed) -> None:
     """A wrong token gets HTTP 401 before any WebSocket traffic."""
-    _, port, _ = feed_agent
+    _, port = feed_agent
     result = subprocess.run([websocat(), "-n", "--text", f"ws://127.0.0.1:{port}/?token=wrong"],
                             stdin=subprocess.DEVNULL, capture_output=True, timeout=20, check=False)
     assert result.returncode != 0 and b"401" in result.stderr
@@ -86,7 +68,7 @@ def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: Feed,
     """Headless Chromium opens /dashboard: it goes live, counts records, charts the process, updates."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = system_tool("chromium", "chromium")
-    agent, port, _ = feed_agent
+    agent, port = feed_agent
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:

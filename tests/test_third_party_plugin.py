@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import REPO, env_with, run_cli
+from cli_helpers import REPO, env_with, run_cli, scaled
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--target", str(site), str(REPO / "examples/plugin-csv-sink")],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=scaled(300))
     return site
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from memagent.options import Options
 from memagent.plugins.sinks.websocket import WebSocketSink
 from memagent.testing import sink_context
+
+from cli_helpers import AgentProcess, scaled
 
 
 @asynccontextmanager
@@ -63,7 +66,8 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-__all__ = ["connect", "connected", "receive", "running_sink", "self_signed_cert", "stalled_client", "url"]
+__all__ = ["connect", "connected", "feed_port", "handshake", "http_exchange", "receive", "running_sink",
+           "self_signed_cert", "stalled_client", "url"]
 
 
 def stalled_client(port: int, path: str = "/") -> socket.socket:
@@ -71,6 +75,7 @@ def stalled_client(port: int, path: str = "/") -> socket.socket:
     buffer, so the server's writes back up as they would behind a stuck browser tab."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(scaled(10))  # for the handshake only
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -78,6 +83,40 @@ def stalled_client(port: int, path: str = "/") -> socket.socket:
                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
     response = b""
     while b"\r\n\r\n" not in response:
-        response += sock.recv(1)  # byte by byte: read the handshake and nothing after it
+        byte = sock.recv(1)  # byte by byte: read the handshake and nothing after it
+        if not byte:
+            raise AssertionError(f"the server closed during the handshake: {response!r}")
+        response += byte
     assert response.startswith(b"HTTP/1.1 101"), response
+    sock.settimeout(None)
     return sock
+
+
+def handshake(port: int, path: str = "/", headers: tuple[tuple[str, str], ...] = (),
+              host: str | None = None) -> bytes:
+    """A WebSocket opening request as a browser or a script would send it, byte for byte."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+             *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def http_exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int | None, bytes]:
+    """Send raw request bytes; return the response's status (None: no response) and its head."""
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(timeout)) as sock:
+        sock.sendall(request)
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            response += chunk
+    head = response.split(b"\r\n\r\n", 1)[0]
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", head)
+    return (int(match.group(1)) if match else None), head
+
+
+def feed_port(agent: AgentProcess) -> int:
+    """The port of the websocket feed of a running ``memagent run``, once it has logged it."""
+    return int(agent.wait_for_stderr(r"websocket feed on wss?://[^:/]+:(\d+)/").group(1))

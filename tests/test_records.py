@@ -1,0 +1,67 @@
+"""Records: command lines are bounded in bytes; agent records carry the agent's own memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memagent.contracts import CMDLINE_MAX_BYTES, cap_cmdline
+
+from cli_helpers import READY_THEN_WAIT, parse_records, run_cli, spawn_ready, stop_child
+
+
+def test_cap_cmdline_keeps_short_ones_whole() -> None:
+    """A command line within the limit is kept as is and not marked."""
+    assert cap_cmdline(["python3", "-m", "http.server"]) == (("python3", "-m", "http.server"), False)
+
+
+def test_cap_cmdline_cuts_at_the_byte_limit() -> None:
+    """Joined by NULs they never pass CMDLINE_MAX_BYTES; the cut argument is kept in part,
+    multi-byte characters are never split."""
+    args = ["prog"] + ["€" * 1000] * 100  # 3,000 bytes each
+    kept, truncated = cap_cmdline(args)
+    assert truncated
+    assert len("\0".join(kept).encode()) <= CMDLINE_MAX_BYTES
+    assert kept[:-1] == tuple(args[:len(kept) - 1])
+    assert set(kept[-1]) == {"€"}
+
+
+def test_start_record_of_a_huge_command_line_is_capped_and_marked(
+        write_config: Callable[[str], Path], validate_record: Callable[[dict[str, Any]], None]) -> None:
+    """A real child with 1 MiB of arguments: its start record holds the first 32 KiB of them,
+    exactly as /proc shows them, and says so with cmdline_truncated."""
+    huge = ["a" * 4096] * 256
+    child = spawn_ready(READY_THEN_WAIT, *huge)
+    try:
+        with open(f"/proc/{child.pid}/cmdline", "rb") as handle:
+            actual = handle.read().split(b"\0")
+        config = write_config(f'[[targets]]\nname = "huge"\npid = {child.pid}\n')
+        result = run_cli("run", str(config), "--once")
+    finally:
+        stop_child(child)
+    assert result.returncode == 0, result.stderr
+    [start] = [r for r in parse_records(result.stdout) if r["type"] == "start"]
+    validate_record(start)
+    assert start["cmdline_truncated"] is True
+    kept = [a.encode() for a in start["cmdline"]]
+    assert len(b"\0".join(kept)) <= CMDLINE_MAX_BYTES
+    assert kept[:-1] == actual[:len(kept) - 1]
+    assert actual[len(kept) - 1].startswith(kept[-1])
+    assert len(result.stdout) < 64 * 1024
+
+
+def test_agent_record_reports_the_agent_own_memory(
+        write_config: Callable[[str], Path], validate_record: Callable[[dict[str, Any]], None]) -> None:
+    """The agent's own rss is in agent records, and equals what it reports for itself as a
+    sampled process in the same run (the same statm, read by another path) within 25%."""
+    config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "me"\nself = true\n')
+    result = run_cli("run", str(config), "--duration", "1")
+    assert result.returncode == 0, result.stderr
+    records = parse_records(result.stdout)
+    agent = [r for r in records if r["type"] == "agent"][-1]
+    validate_record(agent)
+    sampled = [r["portable"]["rss"] for r in records if r["type"] == "sample"][-1]
+    own = agent["agent"]["rss"]
+    assert 0.75 * sampled <= own <= 1.25 * sampled, (own, sampled)
+    assert agent["agent"]["max_rss"] >= own
