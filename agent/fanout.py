@@ -280,14 +280,17 @@ class Fanout:
         self.outlets = list(outlets)
         self._blocking = any(o.when_full == "block" for o in self.outlets)
 
-    async def publish(self, record: Record) -> None:
-        """Queue one record on every accepting outlet (waits only for full ``block`` outlets)."""
+    async def publish(self, records: Sequence[Record]) -> None:
+        """Queue records, in order, on every outlet that accepts them (waits only for full
+        ``block`` outlets)."""
         for outlet in self.outlets:
-            if outlet.accepts(record):
-                if self._blocking and outlet.when_full == "block":
-                    await outlet.put(record)
-                else:
-                    outlet.offer(record)
+            blocking = self._blocking and outlet.when_full == "block"
+            for record in records:
+                if outlet.accepts(record):
+                    if blocking:
+                        await outlet.put(record)
+                    else:
+                        outlet.offer(record)
 
     def request_reopen(self) -> None:
         for outlet in self.outlets:

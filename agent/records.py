@@ -1,15 +1,18 @@
-"""Schema-v1 records: built from readings, numbered, encoded once.
+"""Schema-v1 records: drafted from readings, then numbered and encoded once.
 
-:class:`RecordMaker` is the only place records are made, so ``seq`` is contiguous across every
-type within a run (a consumer detects loss by a gap). Each record is encoded with orjson exactly
-once; the resulting bytes are shared by every sink. The shape is documented in
-``schema/record-v1.json`` (printed by ``memagent schema``).
+:class:`RecordMaker` is the only place records are made. Its ``sample``/``start``/... methods
+return :class:`Draft` objects: the whole record but its ``seq``. :meth:`RecordMaker.seal` gives a
+draft its ``seq`` and encodes it with orjson, exactly once; the bytes are shared by every sink.
+Only the pipeline (:mod:`memagent.pipeline`) seals, after its processors ran, so ``seq`` is
+contiguous across every type within a run — derived records included — and a consumer detects
+loss by a gap. The shape is documented in the schema printed by ``memagent schema``.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +21,17 @@ import orjson
 from memagent.contracts import ProcessInfo, Reading, Record
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class Draft:
+    """A record before its ``seq``: ``fields`` is the whole record, its ``seq`` still 0. A
+    processor may read and change ``fields`` before the pipeline seals it."""
+
+    type: str
+    target: str | None
+    pid: int | None
+    fields: dict[str, Any]
 
 
 def iso_utc(epoch: float, digits: int = 6) -> str:
@@ -49,18 +63,24 @@ class RecordMaker:
 
     @property
     def last_seq(self) -> int:
-        """The ``seq`` of the newest record made (0 before the first)."""
+        """The ``seq`` of the newest record sealed (0 before the first)."""
         return self._seq
 
-    def _finish(self, kind: str, target: str | None, pid: int | None,
-                body: dict[str, Any], ts: str) -> Record:
+    def seal(self, draft: Draft) -> Record:
+        """Number and encode a draft: the next ``seq``, then orjson, once."""
         self._seq += 1
-        fields: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind, "seq": self._seq,
+        fields = draft.fields
+        fields["seq"] = self._seq
+        return Record(self._seq, draft.type, draft.target, draft.pid, fields, orjson.dumps(fields))
+
+    def _finish(self, kind: str, target: str | None, pid: int | None,
+                body: dict[str, Any], ts: str) -> Draft:
+        fields: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": kind, "seq": 0,
                                   "run": self.run, "ts": ts, "host": self.host}
         fields.update(body)
         if self.tags:
             fields["tags"] = self.tags
-        return Record(self._seq, kind, target, pid, fields, orjson.dumps(fields))
+        return Draft(kind, target, pid, fields)
 
     def _started(self, started: float) -> str:
         # formatting a time costs more than the rest of a record: once per process, not per sample
@@ -75,7 +95,7 @@ class RecordMaker:
         return {"target": target, "pid": info.pid, "ppid": info.ppid, "name": info.name,
                 "started": self._started(info.started), "os": self.os, "backend": self.backend}
 
-    def sample(self, target: str, info: ProcessInfo, reading: Reading, ts: str) -> Record:
+    def sample(self, target: str, info: ProcessInfo, reading: Reading, ts: str) -> Draft:
         """A ``sample`` record; ``ts`` is the tick's time from :func:`iso_utc`."""
         body = self._process(target, info)
         body["portable"] = reading.portable
@@ -84,7 +104,7 @@ class RecordMaker:
             body["full"] = reading.full
         return self._finish("sample", target, info.pid, body, ts)
 
-    def start(self, target: str, info: ProcessInfo, ts: str) -> Record:
+    def start(self, target: str, info: ProcessInfo, ts: str) -> Draft:
         """A process matched ``target`` for the first time; carries what identifies it. The
         command line is at most :data:`~memagent.contracts.CMDLINE_MAX_BYTES`; a cut one is
         marked ``"cmdline_truncated": true``."""
@@ -100,17 +120,17 @@ class RecordMaker:
             body["cgroup"] = info.cgroup
         return self._finish("start", target, info.pid, body, ts)
 
-    def exit(self, target: str, info: ProcessInfo, ts: str) -> Record:
+    def exit(self, target: str, info: ProcessInfo, ts: str) -> Draft:
         """The process is gone (exited, or its pid now names another process)."""
         return self._finish("exit", target, info.pid, self._process(target, info), ts)
 
-    def error(self, target: str, info: ProcessInfo, kind: str, message: str, ts: str) -> Record:
+    def error(self, target: str, info: ProcessInfo, kind: str, message: str, ts: str) -> Draft:
         """A process could not be read; made once per (process, kind), never per tick."""
         body = self._process(target, info)
         body["error"] = {"kind": kind, "message": message}
         return self._finish("error", target, info.pid, body, ts)
 
-    def agent(self, stats: dict[str, Any], ts: str) -> Record:
+    def agent(self, stats: dict[str, Any], ts: str) -> Draft:
         """The agent's own counters (``stats`` goes under the ``agent`` key)."""
         body = {"pid": self._pid, "os": self.os, "backend": self.backend, "agent": stats}
         return self._finish("agent", None, self._pid, body, ts)

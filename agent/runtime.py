@@ -31,6 +31,7 @@ from memagent.config import Config
 from memagent.contracts import Backend, Counting, SinkContext
 from memagent.errors import MemagentError
 from memagent.fanout import Fanout, Outlet
+from memagent.pipeline import Pipeline
 from memagent.records import RecordMaker, iso_utc, new_run_id
 from memagent.registry import build_backend, build_sink
 from memagent.scheduler import Scheduler
@@ -70,6 +71,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - started, 3), "processes": self.scheduler.watched,
             "records": self.maker.last_seq + 1, "ticks": c.ticks, "ticks_skipped": c.ticks_skipped,
             "rescans": c.rescans, "backend_failures": c.backend_failures,
+            "processor_failures": self.scheduler.pipeline.processor_failures,
             "pidfile_problems": sum(w.selector.pidfile_problems for w in self.scheduler.watches),
             **own_memory(), "sinks": self.fanout.stats()}
         if isinstance(self.backend, Counting):
@@ -77,7 +79,7 @@ class Agent:
         return stats
 
     async def _publish_stats(self, started: float) -> None:
-        await self.fanout.publish(self.maker.agent(self.stats(started), iso_utc(time.time())))
+        await self.scheduler.pipeline.publish([self.maker.agent(self.stats(started), iso_utc(time.time()))])
 
     async def _stats_forever(self, started: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -170,7 +172,7 @@ def build(config: Config) -> Agent:
         backend.close()
         raise
     fanout = Fanout(outlets)
-    scheduler = Scheduler(backend, [Selector(t) for t in config.targets], maker, fanout)
+    scheduler = Scheduler(backend, [Selector(t) for t in config.targets], Pipeline(fanout, maker))
     return Agent(config, backend, fanout, scheduler, maker)
 
 

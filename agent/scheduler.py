@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memagent.contracts import SAMPLE_CHUNK, Backend, Failure, Gone, Identity, ProcessInfo, Reading
-from memagent.fanout import Fanout
-from memagent.records import RecordMaker, iso_utc
+from memagent.pipeline import Pipeline
+from memagent.records import Draft, iso_utc
 from memagent.targets import Selector
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,14 @@ class Counters:
 
 
 class Scheduler:
-    """Drives one backend for a set of targets, publishing records to a fanout."""
+    """Drives one backend for a set of targets, publishing drafts to the pipeline a chunk at a
+    time (a rescan's start/exit records; each backend call's samples), then ending the tick."""
 
-    def __init__(self, backend: Backend, selectors: Sequence[Selector], maker: RecordMaker,
-                 fanout: Fanout) -> None:
+    def __init__(self, backend: Backend, selectors: Sequence[Selector], pipeline: Pipeline) -> None:
         self.backend = backend
         self.watches = [Watch(selector) for selector in selectors]
-        self.maker = maker
-        self.fanout = fanout
+        self.pipeline = pipeline
+        self.maker = pipeline.maker
         self.counters = Counters()
         self._holders: dict[Identity, int] = {}
         self._lock = asyncio.Lock()
@@ -133,12 +133,13 @@ class Scheduler:
             alive = {p.identity for p in processes} - stale
             self.counters.rescans += 1
             ts = iso_utc(time.time())
+            drafts: list[Draft] = []
             for watch in self.watches:
                 matched = watch.selector.resolve(p for p in processes if p.identity in alive)
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
                     if identity not in alive:
-                        await self.fanout.publish(self.maker.exit(watch.name, info, ts))
+                        drafts.append(self.maker.exit(watch.name, info, ts))
                     else:
                         log.debug("target %s no longer matches pid %d", watch.name, info.pid)
                     self._release(watch, identity)
@@ -146,10 +147,12 @@ class Scheduler:
                     if identity not in watch.members:
                         watch.members[identity] = info
                         self._hold(identity)
-                        await self.fanout.publish(self.maker.start(watch.name, info, ts))
+                        drafts.append(self.maker.start(watch.name, info, ts))
+            await self.pipeline.publish(drafts)
 
     async def sample(self, watches: Sequence[Watch]) -> None:
-        """Sample every member of ``watches`` once and publish the records."""
+        """Sample every member of ``watches`` once, publishing each chunk's drafts, then end
+        the tick (processors add what they derive from it)."""
         async with self._lock:
             self.counters.ticks += 1
             ts = iso_utc(time.time())
@@ -166,31 +169,34 @@ class Scheduler:
                         self._backend_trouble("sampling", exc)
                         continue
                     self._backend_fine("sampling")
+                    drafts: list[Draft] = []
                     for identity, result in zip(chunk, results, strict=True):
-                        await self._emit(watch, identity, result, ts)
+                        self._emit(watch, identity, result, ts, drafts)
+                    await self.pipeline.publish(drafts)
                     await asyncio.sleep(0)
+            await self.pipeline.end_tick(ts, [watch.name for watch in watches])
 
-    async def _emit(self, watch: Watch, identity: Identity, result: object, ts: str) -> None:
+    def _emit(self, watch: Watch, identity: Identity, result: object, ts: str, drafts: list[Draft]) -> None:
         info = watch.members.get(identity)
         if info is None:
             return
         if isinstance(result, Reading):
             for kind, message in result.problems:
-                await self._report_once(watch, identity, info, kind, message, ts)
-            await self.fanout.publish(self.maker.sample(watch.name, info, result, ts))
+                self._report_once(watch, identity, info, kind, message, ts, drafts)
+            drafts.append(self.maker.sample(watch.name, info, result, ts))
         elif isinstance(result, Gone):
             self._gone[identity] = self._listings_begun
-            await self.fanout.publish(self.maker.exit(watch.name, info, ts))
+            drafts.append(self.maker.exit(watch.name, info, ts))
             self._release(watch, identity)
         elif isinstance(result, Failure):
-            await self._report_once(watch, identity, info, result.kind, result.message, ts)
+            self._report_once(watch, identity, info, result.kind, result.message, ts, drafts)
 
-    async def _report_once(self, watch: Watch, identity: Identity, info: ProcessInfo, kind: str,
-                           message: str, ts: str) -> None:
+    def _report_once(self, watch: Watch, identity: Identity, info: ProcessInfo, kind: str,
+                     message: str, ts: str, drafts: list[Draft]) -> None:
         kinds = watch.reported.setdefault(identity, set())
         if kind not in kinds:
             kinds.add(kind)
-            await self.fanout.publish(self.maker.error(watch.name, info, kind, message, ts))
+            drafts.append(self.maker.error(watch.name, info, kind, message, ts))
 
     async def tick_forever(self, interval: float, watches: Sequence[Watch], stop: asyncio.Event) -> None:
         """Sample ``watches`` on every aligned slot of ``interval`` until ``stop`` is set."""

@@ -37,7 +37,7 @@ def make_records(count: int, *, target: str = "test", pid: int = 4242,
     records = []
     for i in range(count):
         reading = Reading(pid, info.started, {"rss": 4096 * (i + 1), "vms": 1 << 24}, {"shared": 0})
-        records.append(maker.sample(target, info, reading, ts))
+        records.append(maker.seal(maker.sample(target, info, reading, ts)))
     return records
 
 

@@ -79,7 +79,7 @@ async def test_block_waits_for_room_and_drops_nothing() -> None:
     fanout = Fanout([out])
     await out.start()
     for record in make_records(100):
-        await fanout.publish(record)
+        await fanout.publish([record])
         assert out.queued <= 3 + 2
     await fanout.drain(scaled(5))
     assert [r.seq for r in sink.records] == list(range(1, 101))
@@ -150,7 +150,7 @@ async def test_a_stalled_sink_does_not_slow_another() -> None:
     for o in fanout.outlets:
         await o.start()
     for record in make_records(500):
-        await fanout.publish(record)  # never waits: the stuck sink's queue of 5 drops its oldest
+        await fanout.publish([record])  # never waits: the stuck sink's queue of 5 drops its oldest
     await until(lambda: len(healthy.records) == 500)
     await fanout.drain(0.2)
     stuck_outlet = fanout.outlets[0]
@@ -187,13 +187,13 @@ async def test_routing_by_target_keeps_agent_records_everywhere() -> None:
 
     maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
     a, b = make_records(2, target="a", maker=maker), make_records(2, target="b", maker=maker)
-    agent_record = maker.agent({"x": 1}, "2026-01-01T00:00:00Z")
+    agent_record = maker.seal(maker.agent({"x": 1}, "2026-01-01T00:00:00Z"))
     sink = RecordingSink()
     out = outlet(sink, targets=["a"])
     await out.start()
     fanout = Fanout([out])
     for record in [*a, *b, agent_record]:
-        await fanout.publish(record)
+        await fanout.publish([record])
     await fanout.drain(scaled(5))
     assert [r.target for r in sink.records] == ["a", "a", None]
 
@@ -218,7 +218,7 @@ async def test_unblock_frees_a_producer_stuck_on_a_block_outlet() -> None:
 
 async def _publish_all(fanout: Fanout, records: list[Record]) -> None:
     for record in records:
-        await fanout.publish(record)
+        await fanout.publish([record])
 
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 from memagent.config import TargetConfig
 from memagent.contracts import SAMPLE_CHUNK, Backend, Identity, ProcessInfo, SampleResult
 from memagent.fanout import Fanout, Outlet
+from memagent.pipeline import Pipeline
 from memagent.records import RecordMaker
 from memagent.registry import build_backend
 from memagent.scheduler import Scheduler
@@ -25,7 +27,7 @@ from memagent.testing import RecordingSink
 from cli_helpers import scaled, wait_for
 
 COUNT = 1000
-MARKER = "3600.424242"  # sleep's argument doubles as a marker no other process has
+MARKER = f"3600.{os.getpid()}"  # sleep's argument is the marker: unique to this run of the suite
 TICKS = 3
 
 
@@ -88,8 +90,8 @@ async def test_the_loop_runs_during_listing_and_between_sample_chunks(
     sink = RecordingSink()
     outlet = Outlet("rec", sink, queue=100_000, when_full="drop_oldest", batch=2000, targets=None)
     scheduler = Scheduler(backend, [Selector(target)],
-                          RecordMaker(host="h", os_name="linux", backend=backend.name, tags={}),
-                          Fanout([outlet]))
+                          Pipeline(Fanout([outlet]), RecordMaker(host="h", os_name="linux",
+                                                                 backend=backend.name, tags={})))
     await outlet.start()
     stop = asyncio.Event()
 

@@ -17,6 +17,7 @@ import memagent.scheduler as scheduler_module
 from memagent.config import TargetConfig
 from memagent.contracts import ProcessInfo
 from memagent.fanout import Fanout, Outlet
+from memagent.pipeline import Pipeline
 from memagent.records import RecordMaker
 from memagent.scheduler import Scheduler
 from memagent.targets import Selector
@@ -37,7 +38,8 @@ def setup(backend: FakeBackend, **target: Any) -> tuple[Scheduler, RecordingSink
     sink = RecordingSink()
     out = Outlet("rec", sink, queue=100_000, when_full="drop_oldest", batch=1000, targets=None)
     maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={"env": "test"})
-    return Scheduler(backend, [Selector(config)], maker, Fanout([out])), sink, out
+    return Scheduler(backend, [Selector(config)],
+                          Pipeline(Fanout([out]), maker)), sink, out
 
 
 async def finish(out: Outlet) -> None:
@@ -195,7 +197,7 @@ async def test_exited_process_never_starts_again_from_a_stale_listing() -> None:
     out = Outlet("rec", sink, queue=1000, when_full="drop_oldest", batch=100, targets=None)
     maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
     scheduler = Scheduler(backend, [Selector(TargetConfig(name="t", interval=1.0, all=True))],
-                          maker, Fanout([out]))
+                          Pipeline(Fanout([out]), maker))
     await out.start()
     await scheduler.rescan()
     backend.hold = True
@@ -226,7 +228,7 @@ async def test_listing_failure_is_logged_once_even_while_sampling_works(
     out = Outlet("rec", sink, queue=1000, when_full="drop_oldest", batch=100, targets=None)
     maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
     scheduler = Scheduler(backend, [Selector(TargetConfig(name="t", interval=1.0, all=True))],
-                          maker, Fanout([out]))
+                          Pipeline(Fanout([out]), maker))
     with caplog.at_level(logging.ERROR, logger="memagent.scheduler"):
         for _ in range(4):
             await scheduler.rescan()
@@ -247,7 +249,8 @@ async def test_backend_returning_too_few_results_is_reported(caplog: pytest.LogC
     backend.readings = {10: ({"rss": 1, "vms": 1}, {}), 11: ({"rss": 1, "vms": 1}, {})}
     out = Outlet("rec", RecordingSink(), queue=1000, when_full="drop_oldest", batch=100, targets=None)
     scheduler = Scheduler(backend, [Selector(TargetConfig(name="t", interval=1.0, all=True))],
-                          RecordMaker(host="h", os_name="linux", backend="fake", tags={}), Fanout([out]))
+                          Pipeline(Fanout([out]), RecordMaker(host="h", os_name="linux", backend="fake",
+                                                              tags={})))
     await scheduler.rescan()
     with caplog.at_level(logging.ERROR, logger="memagent.scheduler"):
         await scheduler.sample(scheduler.watches)

@@ -12,6 +12,7 @@ tests/test_loop_lag.py, by order and counts.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -19,13 +20,14 @@ import time
 
 from memagent.config import TargetConfig
 from memagent.fanout import Fanout, Outlet
+from memagent.pipeline import Pipeline
 from memagent.records import RecordMaker
 from memagent.registry import build_backend
 from memagent.scheduler import Scheduler
 from memagent.targets import Selector
 from memagent.testing import RecordingSink
 
-MARKER = "3600.434343"  # sleep's argument doubles as a marker no other process has
+MARKER = f"3600.{os.getpid()}"  # sleep's argument is the marker: unique to this run of the suite
 
 
 async def measure(count: int, seconds: float) -> None:
@@ -34,8 +36,8 @@ async def measure(count: int, seconds: float) -> None:
     sink = RecordingSink()
     outlet = Outlet("rec", sink, queue=1_000_000, when_full="drop_oldest", batch=2000, targets=None)
     scheduler = Scheduler(backend, [Selector(target)],
-                          RecordMaker(host="bench", os_name=backend.os, backend=backend.name, tags={}),
-                          Fanout([outlet]))
+                          Pipeline(Fanout([outlet]), RecordMaker(host="bench", os_name=backend.os,
+                                                                 backend=backend.name, tags={})))
     await outlet.start()
     stop = asyncio.Event()
     lags: list[float] = []
