@@ -22,10 +22,15 @@ Sink
     concurrently with itself; ``close`` is called once, after the last ``write`` has finished.
     A sink raises :class:`~memagent.errors.SinkError` when a batch could not be written; it is
     retried with backoff. It raises :class:`~memagent.errors.SinkClosed` when it never can again
-    (its reader left): no retry, its records are counted as dropped. It may also define a
-    coroutine ``reopen()``, called between writes on SIGHUP (logrotate's signal), and may keep
-    counters in ``context.counters``, which the agent reports under the sink's name in ``agent``
-    records.
+    (its reader left): no retry, its records are counted as dropped; and
+    :class:`~memagent.errors.SinkRejected` when this batch never can (dropped and counted, the
+    next one is written). A sink that is also :class:`Reopenable` has ``reopen()`` called between
+    writes on SIGHUP (logrotate's signal). It may keep counters in ``context.counters``, which
+    the agent reports under the sink's name in ``agent`` records.
+
+Optional capabilities are Protocols too, checked with ``isinstance``: :class:`Reopenable` for a
+sink, :class:`Counting` for a backend. What :func:`memagent.registry.load` requires of a plugin
+class is derived from :class:`Backend` and :class:`Sink` (:func:`protocol_members`).
 """
 
 from __future__ import annotations
@@ -170,6 +175,13 @@ class Backend(Protocol):
         ...
 
 
+def protocol_members(protocol: type) -> tuple[str, ...]:
+    """The public attributes and methods a Protocol declares, sorted (what a plugin class must
+    have to satisfy it)."""
+    names = set(vars(protocol)) | set(getattr(protocol, "__annotations__", {}))
+    return tuple(sorted(n for n in names if not n.startswith("_")))
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One schema-v1 record, encoded once. ``json`` is the orjson encoding of ``fields``
@@ -222,4 +234,13 @@ class Sink(Protocol):
 
     async def close(self) -> None:
         """Flush and release; called once after the last write finished."""
+        ...
+
+
+@runtime_checkable
+class Reopenable(Protocol):
+    """Optional for a sink: reopen files (SIGHUP, after logrotate). Called between writes; may
+    raise SinkError, and the next write tries again."""
+
+    async def reopen(self) -> None:
         ...

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from memagent.contracts import Record, Sink
+from memagent.contracts import Record, Reopenable, Sink
 from memagent.errors import SinkClosed, SinkError, SinkRejected
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,10 @@ class Outlet:
                 return
 
     async def _call_reopen(self) -> None:
-        reopen = getattr(self.sink, "reopen", None)
-        if reopen is None:
+        if not isinstance(self.sink, Reopenable):
             return
         try:
-            await reopen()
+            await self.sink.reopen()
             self.reopens += 1
         except Exception as exc:  # noqa: BLE001 - a failed reopen is retried by the next write
             log.warning("sink %s: reopen failed: %s", self.name, exc)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal
 
-from memagent.contracts import Backend, Sink, SinkContext
+from memagent.contracts import Backend, Sink, SinkContext, protocol_members
 from memagent.errors import ConfigError, PluginLoadError
 from memagent.options import Options, suggest
 
 Kind = Literal["backend", "sink"]
 GROUPS: dict[Kind, str] = {"backend": "memagent.backends", "sink": "memagent.sinks"}
+#: What a plugin class must have, straight from the contracts' Protocols.
+REQUIRED: dict[Kind, tuple[str, ...]] = {"backend": protocol_members(Backend), "sink": protocol_members(Sink)}
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,7 @@ def load(spec: PluginSpec) -> Any:
     except Exception as exc:  # noqa: BLE001 - any import failure of a plugin is reported, not raised
         raise PluginLoadError(spec.kind, spec.name, spec.distribution,
                               f"failed to import {spec.value}: {type(exc).__name__}: {exc}") from exc
-    required = ("from_options",) + (("available", "list_processes", "sample")
-                                     if spec.kind == "backend" else ("start", "write", "close"))
-    missing = [attr for attr in required if not hasattr(plugin, attr)]
+    missing = [attr for attr in REQUIRED[spec.kind] if not hasattr(plugin, attr)]
     if missing:
         raise PluginLoadError(spec.kind, spec.name, spec.distribution,
                               f"{spec.value} lacks {', '.join(missing)}")
