@@ -6,21 +6,32 @@ import asyncio
 import base64
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote, quote_plus, unquote, unquote_plus
+from urllib.parse import quote, unquote, unquote_plus
 
 import pytest
 from websockets.typing import Origin
 
 from memagent.options import Options
-from memagent.plugins.sinks.websocket import Throttled, WebSocketSink, exposure_warnings, same_origin
+from memagent.plugins.sinks.websocket import WebSocketSink
 from memagent.testing import make_records, sink_context
 
 from attacker import NOBODY, nobody_python
 from cli_helpers import run_cli
-from ws_helpers import connect, connected, handshake, http_exchange, receive, running_sink, url
+from ws_helpers import (
+    TOKEN,
+    WRONG,
+    captured,
+    connect,
+    connected,
+    handshake,
+    http_exchange,
+    receive,
+    running_sink,
+    token_forms,
+    url,
+)
 
 #: A page on another site: the WebSocket request its script `new WebSocket("ws://127.0.0.1:PORT/
 #: ?since=0")` makes, Origin included, sent by the attacker. Prints its uid, the status, what it read.
@@ -94,27 +105,9 @@ async def test_same_origin_page_listed_origins_and_scripts_are_served() -> None:
     assert sink.context.counters["rejected_origin"] == 0
 
 
-def test_same_origin_compares_scheme_host_and_port() -> None:
-    """Default ports count, TLS means https, loopback-only refuses other names."""
-    assert same_origin("http://127.0.0.1", "127.0.0.1:80", tls=False, loopback_only=True)
-    assert same_origin("https://[::1]:8443", "[::1]:8443", tls=True, loopback_only=True)
-    assert same_origin("https://feed.example", "feed.example", tls=True, loopback_only=False)
-    assert not same_origin("http://feed.example", "feed.example", tls=True, loopback_only=False)
-    assert not same_origin("http://feed.example", "feed.example", tls=False, loopback_only=True)
-    assert not same_origin("http://127.0.0.1:x", "127.0.0.1:x", tls=False, loopback_only=True)
-    assert not same_origin("http://127.0.0.1/", "127.0.0.1", tls=False, loopback_only=True)
-    assert not same_origin("http://127.0.0.1", None, tls=False, loopback_only=True)
-
-
 def test_exposure_beyond_loopback_is_warned_when_the_sink_is_built() -> None:
-    """A non-loopback host without a token or without TLS is reported (loudly) by from_options."""
-    assert exposure_warnings("127.0.0.1", None, False) == []
-    assert exposure_warnings("::1", None, False) == []
-    assert exposure_warnings("localhost", None, False) == []
-    assert exposure_warnings("0.0.0.0", "t0ken", True) == []  # noqa: S104 - the case under test
-    assert len(exposure_warnings("0.0.0.0", None, False)) == 2  # noqa: S104 - the case under test
-    [tls_only] = exposure_warnings("10.1.2.3", "t0ken", False)
-    assert "without TLS" in tls_only and "t0ken" not in tls_only
+    """A non-loopback host without a token or without TLS is reported (loudly) by from_options
+    (which cases warn: tests/test_listener.py)."""
     context = sink_context("websocket")
     WebSocketSink.from_options(Options({"host": "0.0.0.0"}, "sinks[1]"), context)  # noqa: S104
     reports: list[str] = context.report  # type: ignore[assignment]
@@ -133,12 +126,6 @@ def test_memagent_check_prints_the_exposure_warning(write_config: Callable[[str]
 
 
 # -- malformed requests ------------------------------------------------------------------------
-
-def captured(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Every captured log record as a handler would print it, tracebacks included."""
-    formatter = logging.Formatter("%(levelname)s %(name)s %(message)s")
-    return [formatter.format(record) for record in caplog.records]
-
 
 async def test_duplicated_headers_get_400_and_at_most_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     """Duplicated Authorization, Origin or Host headers: 400 each time, counted, one warning
@@ -175,31 +162,7 @@ async def test_request_that_is_not_http_gets_400(request_bytes: bytes) -> None:
         assert sink.context.counters["bad_requests"] == 1
 
 
-def test_throttled_log_says_how_many_it_held_back(caplog: pytest.LogCaptureFixture) -> None:
-    """At most one line per period; the next line counts the ones held back."""
-    now = [100.0]
-    throttled = Throttled(logging.getLogger("memagent.test.throttled"), 10.0, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="memagent.test.throttled"):
-        for step in range(25):  # one event a second for 25 s
-            now[0] = 100.0 + step
-            throttled.warning(f"event {step}")
-    assert [r.getMessage() for r in caplog.records] == [
-        "event 0", "event 10 (9 more in the last 10s not logged)",
-        "event 20 (9 more in the last 10s not logged)"]
-
-
 # -- the token in logs -------------------------------------------------------------------------
-
-TOKEN = "p@ss/w:rd+ x%Z~é"  # noqa: S105 - a test secret with characters that every encoding changes
-WRONG = "not-the-token-7Q"  # noqa: S105 - sent as a token: redacted too, matching or not
-
-
-def token_forms(token: str) -> list[str]:
-    """The ways a token travels: raw, percent-encoded (both hex cases, + for space), base64."""
-    upper = quote(token, safe="")
-    lower = re.sub("%[0-9A-F]{2}", lambda m: m[0].lower(), upper)
-    return [token, upper, lower, quote_plus(token), quote(token), base64.b64encode(token.encode()).decode()]
-
 
 async def test_token_is_redacted_from_debug_logs_in_every_form(caplog: pytest.LogCaptureFixture) -> None:
     """Real requests carrying the token raw, percent-encoded in every variant, in base64 (Basic),

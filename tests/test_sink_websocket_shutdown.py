@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from memagent.plugins.sinks.websocket import CLOSE_GRACE
+from memagent.plugins.sinks.listener import CLOSE_GRACE
 from memagent.records import RecordMaker
 from memagent.testing import make_records
 

@@ -1,9 +1,11 @@
-"""Helpers for WebSocket sink tests: a started sink on a free loopback port, clients, receiving."""
+"""Helpers for WebSocket sink and listener tests: a started sink on a free loopback port, clients,
+receiving, raw HTTP requests."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import socket
@@ -12,8 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import orjson
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from memagent.options import Options
@@ -66,8 +70,9 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-__all__ = ["connect", "connected", "feed_port", "handshake", "http_exchange", "receive", "running_sink",
-           "self_signed_cert", "stalled_client", "url"]
+__all__ = ["TOKEN", "WRONG", "captured", "connect", "connected", "feed_port", "handshake", "http_exchange",
+           "http_request", "receive", "running_sink", "self_signed_cert", "stalled_client", "token_forms",
+           "url"]
 
 
 def stalled_client(port: int, path: str = "/") -> socket.socket:
@@ -92,14 +97,21 @@ def stalled_client(port: int, path: str = "/") -> socket.socket:
     return sock
 
 
+def http_request(port: int, path: str = "/", headers: tuple[tuple[str, str], ...] = (),
+                 host: str | None = None, method: str = "GET") -> bytes:
+    """A plain HTTP/1.1 request, byte for byte (``Host`` is the listener's unless given)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}",
+             *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 def handshake(port: int, path: str = "/", headers: tuple[tuple[str, str], ...] = (),
               host: str | None = None) -> bytes:
     """A WebSocket opening request as a browser or a script would send it, byte for byte."""
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
-             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
-             *(f"{name}: {value}" for name, value in headers)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    upgrade = (("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", key),
+               ("Sec-WebSocket-Version", "13"))
+    return http_request(port, path, (*upgrade, *headers), host)
 
 
 def http_exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int | None, bytes]:
@@ -120,3 +132,22 @@ def http_exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int |
 def feed_port(agent: AgentProcess) -> int:
     """The port of the websocket feed of a running ``memagent run``, once it has logged it."""
     return int(agent.wait_for_stderr(r"websocket feed on wss?://[^:/]+:(\d+)/").group(1))
+
+
+# -- secrets in logs ---------------------------------------------------------------------------
+
+TOKEN = "p@ss/w:rd+ x%Z~é"  # noqa: S105 - a test secret with characters that every encoding changes
+WRONG = "not-the-token-7Q"  # noqa: S105 - sent as a token: redacted too, matching or not
+
+
+def token_forms(token: str) -> list[str]:
+    """The ways a token travels: raw, percent-encoded (both hex cases, + for space), base64."""
+    upper = quote(token, safe="")
+    lower = re.sub("%[0-9A-F]{2}", lambda m: m[0].lower(), upper)
+    return [token, upper, lower, quote_plus(token), quote(token), base64.b64encode(token.encode()).decode()]
+
+
+def captured(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Every captured log record as a handler would print it, tracebacks included."""
+    formatter = logging.Formatter("%(levelname)s %(name)s %(message)s")
+    return [formatter.format(record) for record in caplog.records]

@@ -1,6 +1,12 @@
-"""The ``websocket`` sink: a live feed server for dashboards, scripts and people.
+"""The ``websocket`` sink: a live feed for dashboards, scripts and people, served on the shared
+HTTP listener (:mod:`memagent.plugins.sinks.listener`).
 
-Guarantees:
+The listener owns everything before the handshake, with its guarantees: options ``host``, ``port``,
+``token``, ``origins``, ``tls_cert``, ``tls_key``; malformed requests (400), the Origin policy
+(403), the token (401), ``GET /healthz`` (here: clients, sent, dropped, replay), redaction of the
+token from every log, exposure warnings and a bounded close. This module is the feed on it:
+``GET /dashboard`` (a self-contained page, no CDN, no token needed: it holds no data), ``max_clients``
+(503 before the handshake), and, once connected:
 
 - ``write`` never waits on a client: each record goes into every subscribed client's own queue,
   bounded by count (``client_queue``) and by bytes (``client_queue_bytes``). A slow client loses
@@ -15,26 +21,9 @@ Guarantees:
   (if anything), then every buffered record after that seq, then the live stream, without loss or
   repeat in between. Control messages (``gap``, ``lag``) are never dropped: they are kept apart
   from the record queue and sent before it.
-- One ``process_request`` checks, before anything else, that the request is well formed
-  (duplicated ``Host``, ``Origin`` or ``Authorization`` headers, or any unexpected error: 400,
-  counted in ``bad_requests``, at most one log line per 10 s, never a traceback). Then the Origin
-  policy: a request carrying ``Origin`` (a browser) is refused with 403 unless that origin is the
-  feed's own (same scheme, and host:port equal to the request's ``Host``; when the feed listens on
-  loopback, only a loopback name, which defeats DNS rebinding) or listed in ``origins``. Requests
-  without ``Origin`` (scripts, websocat) are unaffected. Then ``GET /healthz`` (JSON: clients,
-  sent, dropped), ``GET /dashboard`` (a self-contained page, no CDN), the path (404), the token
-  (``Authorization: Bearer`` or ``?token=``, compared with ``hmac.compare_digest``; 401) and
-  ``max_clients`` (503) before the handshake. A request that is not HTTP at all gets a 400 too.
 - Bad filters, in the query string or a client message, close that client with 1008 and a reason;
   oversized messages close it with 1009 (``max_size``). The server and other clients carry on.
-- ``close`` returns within about 2 × :data:`CLOSE_GRACE` whatever the clients do: they are sent
-  1001 (going away), and connections still open after the grace period (a client that stopped
-  reading) are aborted.
-- The token is never logged, in any form: the raw token, any percent-encoding of it, its base64,
-  and every ``token=`` query value and ``Authorization`` value (matching or not) are redacted from
-  every log record of this sink and of its websockets logger, tracebacks included.
-- Listening beyond loopback without a token, or without TLS, is warned about when the sink is
-  built (so ``memagent check`` says it too); see :func:`exposure_warnings`.
+- ``close`` is the listener's: bounded (about 2 × ``CLOSE_GRACE``) whatever the clients do.
 
 Not guaranteed: delivery to a client that is too slow (see above) or disconnected; replay beyond
 the buffer.
@@ -43,30 +32,23 @@ the buffer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hmac
-import ipaddress
-import json
 import logging
-import re
-import ssl
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import ClassVar
-from urllib.parse import parse_qs, unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidMessage
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from memagent.contracts import Record, SinkContext
 from memagent.errors import ConfigError
 from memagent.options import Options
+from memagent.plugins.sinks.listener import HEALTH_PATH, Feed, Listener, ListenerOptions, peer, response
 from memagent.plugins.sinks.websocket_filters import (
     BadFilter,
     Projections,
@@ -81,154 +63,8 @@ log = logging.getLogger(__name__)
 CLOSE_POLICY = 1008  # bad filter or message
 CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
 CLOSE_TIMEOUT = 2.0  # seconds a client closed for being slow gets to answer before it is aborted
-#: Seconds clients get at shutdown to complete the closing handshake before their connections are
-#: aborted; close() takes at most about twice this, so SIGTERM ends within drain_timeout + 1 s.
-CLOSE_GRACE = 0.5
-BAD_REQUEST_LOG_EVERY = 10.0  # seconds: at most one log line this often for malformed requests
-SINGLE_HEADERS = ("Host", "Origin", "Authorization")  # read by process_request: exactly one or none
+DASHBOARD_PATH = "/dashboard"
 MIB = 1024 * 1024
-
-# Written before the EOF websockets sends when a request cannot be parsed as HTTP at all.
-_BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nServer: memagent\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 12\r\n\r\nBad Request\n")
-
-
-# -- exposure, origins -----------------------------------------------------------------------------
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a listen address or a hostname) only reaches this machine."""
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def exposure_warnings(host: str, token: str | None, tls: bool) -> list[str]:
-    """What is unsafe about serving the feed on ``host``: nothing on loopback; beyond it, a
-    missing token (anyone who can reach the port reads every command line) and missing TLS
-    (records, and the token, cross the network in clear text)."""
-    if is_loopback(host):
-        return []
-    where = f'host = "{host}" serves the feed beyond this machine'
-    warnings = []
-    if not token:
-        warnings.append(f"{where} without a token: anyone who can reach the port reads every "
-                        "process's command line; set token")
-    if not tls:
-        carried = "records and the token" if token else "records"
-        warnings.append(f"{where} without TLS: {carried} cross the network in clear text; "
-                        "set tls_cert and tls_key")
-    return warnings
-
-
-def same_origin(origin: str, host: str | None, *, tls: bool, loopback_only: bool) -> bool:
-    """Whether a browser's ``Origin`` is the feed's own: the scheme the feed serves (https with
-    TLS, else http) and the host:port the browser asked for (the ``Host`` header). With
-    ``loopback_only`` the host must also be a loopback name, so a page whose DNS name was rebound
-    to 127.0.0.1 does not pass."""
-    if not host:
-        return False
-    scheme, default_port = ("https", 443) if tls else ("http", 80)
-    try:
-        asked, requested = urlsplit(origin), urlsplit(f"//{host}")
-        if asked.scheme.lower() != scheme or asked.path or asked.query or asked.username:
-            return False
-        origin_at = (asked.hostname, asked.port or default_port)
-        host_at = (requested.hostname, requested.port or default_port)
-    except ValueError:  # a port that is not a number, a bracket without its pair
-        return False
-    if origin_at[0] is None or origin_at != host_at:
-        return False
-    return not loopback_only or is_loopback(origin_at[0])
-
-
-# -- logs: redaction and rate limiting -------------------------------------------------------------
-
-_QUERY_PARAMETER = re.compile(r"(?<=[?&])([^=&\s#]*)=([^&\s#]*)")
-_AUTHORIZATION = re.compile(r"(?im)\b((?:proxy-)?authorization\s*:\s*)[^\r\n]*")
-_CREDENTIALS = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s,;]+")
-REDACTED = "<redacted>"
-
-
-def _secret_pattern(secret: str) -> re.Pattern[str]:
-    """Matches ``secret`` raw, with any of its characters percent-encoded (either hex case, ``+``
-    for a space), base64-encoded (standard or URL-safe, padded or not), escaped by repr/JSON, or
-    its UTF-8 bytes read as ISO-8859-1."""
-    def character(c: str) -> str:
-        encoded = "".join("%" + "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d
-                                        for d in f"{b:02x}") for b in c.encode())
-        return "(?:" + "|".join([re.escape(c), encoded, *([r"\+"] if c == " " else [])]) + ")"
-
-    raw = secret.encode()
-    literals = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode(),
-                repr(secret)[1:-1], json.dumps(secret)[1:-1],
-                raw.decode("iso-8859-1")}  # how websockets decodes a header carrying it
-    literals |= {literal.rstrip("=") for literal in literals}
-    alternatives = ["".join(character(c) for c in secret),
-                    *(re.escape(literal) for literal in sorted(literals, key=len, reverse=True) if literal)]
-    return re.compile("|".join(alternatives))
-
-
-def redact(text: str, secret: re.Pattern[str] | None = None) -> str:
-    """``text`` without ``secret`` (see :func:`_secret_pattern`), ``token=`` query values (the
-    key percent-decoded, as the feed reads it) and ``Authorization`` values, matching or not."""
-    if secret is not None:
-        text = secret.sub(REDACTED, text)
-    text = _QUERY_PARAMETER.sub(
-        lambda m: f"{m[1]}={REDACTED}" if unquote_plus(m[1]).strip().lower() == "token" else m[0], text)
-    text = _AUTHORIZATION.sub(lambda m: m[1] + REDACTED, text)
-    return _CREDENTIALS.sub(lambda m: m[1] + m[2] + REDACTED, text)
-
-
-class Redactor(logging.Filter):
-    """Redacts credentials (see :func:`redact`) from every record of the loggers it is added to —
-    the message, its traceback and stack: websockets logs request lines, headers and parse errors
-    (which quote the request line) at debug level."""
-
-    def __init__(self, secret: str | None) -> None:
-        super().__init__()
-        self.secret = _secret_pattern(secret) if secret else None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string must not bypass redaction
-            message = f"{record.msg!s} (unformattable arguments)"
-        record.msg, record.args = redact(message, self.secret), ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record.exc_info = None
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secret)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info, self.secret)
-        return True
-
-
-class Throttled:
-    """A warning at most once every ``every`` seconds; the next one says how many were held back.
-    For events an outsider can trigger at will (malformed requests), so they cannot flood the log."""
-
-    def __init__(self, logger: logging.Logger, every: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.logger, self.every, self.clock = logger, every, clock
-        self.last: float | None = None
-        self.held_back = 0
-
-    def warning(self, message: str) -> None:
-        now = self.clock()
-        if self.last is not None:
-            if now - self.last < self.every:
-                self.held_back += 1
-                return
-            if self.held_back:
-                message += f" ({self.held_back} more in the last {now - self.last:.0f}s not logged)"
-        self.last, self.held_back = now, 0
-        self.logger.warning("%s", message)
-
 
 # -- clients ---------------------------------------------------------------------------------------
 
@@ -311,72 +147,50 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
 # max_size = 4096           # largest client message (filters), bytes
 """
 
-    def __init__(self, *, context: SinkContext, host: str = "127.0.0.1", port: int = 8765, path: str = "/",
-                 token: str | None = None, origins: Sequence[str] | None = None,
-                 tls: ssl.SSLContext | None = None, max_clients: int = 100, client_queue: int = 1000,
-                 client_queue_bytes: int = 4 * MIB, disconnect_after: int = 10_000, replay: int = 1000,
-                 replay_bytes: int = 16 * MIB, batch: bool = False, ping_interval: float = 20.0,
-                 ping_timeout: float = 20.0, write_limit: int = 65536, max_size: int = 4096) -> None:
+    def __init__(self, *, context: SinkContext, listener: ListenerOptions | None = None, path: str = "/",
+                 max_clients: int = 100, client_queue: int = 1000, client_queue_bytes: int = 4 * MIB,
+                 disconnect_after: int = 10_000, replay: int = 1000, replay_bytes: int = 16 * MIB,
+                 batch: bool = False, ping_interval: float = 20.0, ping_timeout: float = 20.0,
+                 write_limit: int = 65536, max_size: int = 4096) -> None:
         self.context = context
-        self.host, self.port, self.path = host, port, path
-        self._token = token.encode() if token else None
-        self.origins = frozenset(origins) if origins is not None else frozenset()
-        self.tls = tls
+        self.path = path
         self.max_clients = max_clients
         self.client_queue, self.client_queue_bytes = client_queue, client_queue_bytes
         self.disconnect_after = disconnect_after
         self.batch = batch
-        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
-        self.write_limit, self.max_size = write_limit, max_size
+        self.write_limit = write_limit
         self.replay: deque[Record] = deque()
         self.replay_limit, self.replay_bytes_limit = replay, replay_bytes
         self.replay_bytes = 0
         self.last_seq = 0
         self.clients: set[Client] = set()
-        self._connections: set[ServerConnection] = set()  # every open TCP connection, handshake or not
         self._closing: set[asyncio.Task[None]] = set()
-        self._server: Server | None = None
         self._dashboard = b""
         self._closed_drops = 0  # drops of clients that are gone, so the counter never goes down
-        self._redactor = Redactor(token)
-        self._protocol_log = logging.getLogger(f"websockets.server.{context.name}")
-        self._bad_requests = Throttled(log, BAD_REQUEST_LOG_EVERY)
-        for counter in ("clients", "connections", "sent", "client_drops", "disconnected_slow",
-                        "rejected_auth", "rejected_origin", "rejected_full", "bad_filters", "bad_requests"):
+        feed = Feed(path, self._handle, full=lambda: len(self.clients) >= self.max_clients,
+                    ping_interval=ping_interval, ping_timeout=ping_timeout, write_limit=write_limit,
+                    max_size=max_size, close_timeout=CLOSE_TIMEOUT)
+        self.listener = Listener(listener or ListenerOptions(port=8765), name=context.name,
+                                 counters=context.counters, health=self._health, feed=feed, loggers=(log,))
+        self.listener.route(DASHBOARD_PATH, self._answer_dashboard, token=False)
+        for counter in ("clients", "connections", "sent", "client_drops", "disconnected_slow", "bad_filters"):
             context.counters.setdefault(counter, 0)
 
     @classmethod
     def from_options(cls, options: Options, context: SinkContext) -> WebSocketSink:
         path = options.string("path", "/", nonempty=True)
-        if not path.startswith("/") or path in ("/healthz", "/dashboard"):
-            raise ConfigError(options.key("path"), f'must start with "/" and not be /healthz or /dashboard, '
-                                                   f'got "{path}"')
-        cert = options.string("tls_cert", None, nonempty=True)
-        key = options.string("tls_key", None, nonempty=True)
-        tls = None
-        if (cert is None) != (key is None):
-            raise ConfigError(options.key("tls_cert" if cert is None else "tls_key"),
-                              "tls_cert and tls_key go together")
-        if cert is not None and key is not None:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            try:
-                tls.load_cert_chain(cert, key)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(options.key("tls_cert"), f"cannot load certificate/key: {exc}") from None
+        if not path.startswith("/") or path in (HEALTH_PATH, DASHBOARD_PATH):
+            raise ConfigError(options.key("path"), f'must start with "/" and not be {HEALTH_PATH} or '
+                                                   f'{DASHBOARD_PATH}, got "{path}"')
+        listener = ListenerOptions.read(options, port=8765)
         client_queue_bytes = options.size("client_queue_bytes", 4 * MIB)
         if client_queue_bytes < 4096:
             raise ConfigError(options.key("client_queue_bytes"), f"must be at least 4096 bytes, "
                                                                  f"got {client_queue_bytes}")
-        host = options.string("host", "127.0.0.1", nonempty=True)
-        token = options.string("token", None, nonempty=True)
         sink = cls(
             context=context,
-            host=host,
-            port=options.integer("port", 8765, minimum=0, maximum=65535),
+            listener=listener,
             path=path,
-            token=token,
-            origins=options.string_list("origins", None),
-            tls=tls,
             max_clients=options.integer("max_clients", 100, minimum=1),
             client_queue=options.integer("client_queue", 1000, minimum=1),
             client_queue_bytes=client_queue_bytes,
@@ -390,55 +204,39 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
             max_size=options.integer("max_size", 4096, minimum=64),
         )
         options.finish()
-        for warning in exposure_warnings(host, token, tls is not None):
-            context.report(f"SECURITY: {options.path}: {warning}")
+        listener.report_exposure(options.path, context.report, serves="the feed")
         return sink
+
+    @property
+    def port(self) -> int:
+        """The listener's port: the bound one once started."""
+        return self.listener.port
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         page = resources.files("memagent.plugins.sinks").joinpath("static/dashboard.html").read_text("utf-8")
         self._dashboard = page.replace("__MEMAGENT_FEED_PATH__", self.path).encode()
-        for logger in (self._protocol_log, log):
-            logger.addFilter(self._redactor)
-        try:
-            self._server = await serve(
-                self._handle, self.host, self.port, ssl=self.tls, process_request=self._process_request,
-                logger=self._protocol_log, create_connection=_connection_class(self),
-                ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
-                write_limit=self.write_limit, max_size=self.max_size, max_queue=4,
-                close_timeout=CLOSE_TIMEOUT,
-                server_header="memagent")
-        except BaseException:
-            self._remove_redactor()
-            raise
-        self.port = self._server.sockets[0].getsockname()[1]
-        scheme = "wss" if self.tls else "ws"
-        log.info("websocket feed on %s://%s:%d%s (dashboard: /dashboard, health: /healthz)",
-                 scheme, self.host, self.port, self.path)
+        await self.listener.start()
+        scheme = "wss" if self.listener.tls else "ws"
+        log.info("websocket feed on %s://%s:%d%s (dashboard: %s, health: %s)", scheme,
+                 self.listener.options.host, self.port, self.path, DASHBOARD_PATH, HEALTH_PATH)
 
     async def close(self) -> None:
-        """Send every client 1001 (going away); abort connections still open after
-        :data:`CLOSE_GRACE` (clients that stopped reading). Bounded whatever the clients do."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()  # stops listening, rejects handshakes in progress, closes clients with 1001
-        if not await _finished(server.wait_closed(), CLOSE_GRACE):
-            stuck = list(self._connections)
-            log.warning("websocket: %d connection(s) still open %.1fs after closing; aborting them",
-                        len(stuck), CLOSE_GRACE)
-            for connection in stuck:
-                connection.transport.abort()
-            if not await _finished(server.wait_closed(), CLOSE_GRACE):
-                log.error("websocket: connections still open after being aborted; leaving them")
+        """Close the listener (bounded: see the module docstring); then give up on clients still
+        being closed for being too slow."""
+        await self.listener.close()
         for task in list(self._closing):
             task.cancel()
-        self._remove_redactor()
 
-    def _remove_redactor(self) -> None:
-        for logger in (self._protocol_log, log):
-            logger.removeFilter(self._redactor)
+    # -- HTTP beside the feed --------------------------------------------------------------------
+
+    def _health(self) -> Mapping[str, object]:
+        return {"clients": len(self.clients), "sent": self.context.counters["sent"],
+                "dropped": self.context.counters["client_drops"], "replay": len(self.replay)}
+
+    def _answer_dashboard(self, request: Request) -> Response:
+        return response(200, self._dashboard, "text/html; charset=utf-8")
 
     # -- records in ------------------------------------------------------------------------------
 
@@ -473,73 +271,10 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self.context.counters["disconnected_slow"] += 1
         self.context.counters["clients"] = len(self.clients)
         reason = f"too slow: {client.dropped_since_caught_up} records dropped"
-        log.warning("websocket client %s closed: %s", _peer(client.connection), reason)
+        log.warning("websocket client %s closed: %s", peer(client.connection), reason)
         task = asyncio.create_task(_close_or_abort(client.connection, CLOSE_TOO_SLOW, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-
-    # -- HTTP before the handshake ---------------------------------------------------------------
-
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Answer or refuse a request before the handshake; never raises (hostile input must
-        not become a 500 and a traceback)."""
-        try:
-            return self._route(connection, request)
-        except Exception as exc:  # noqa: BLE001 - see the docstring; counted and logged below
-            return self.bad_request(connection, f"unexpected {type(exc).__name__}")
-
-    def bad_request(self, connection: ServerConnection, why: str) -> Response:
-        """Count a malformed request, log it (rate-limited) and answer 400."""
-        self.note_bad_request(connection, why)
-        return connection.respond(400, "Bad Request\n")
-
-    def note_bad_request(self, connection: ServerConnection, why: str) -> None:
-        self.context.counters["bad_requests"] += 1
-        self._bad_requests.warning(f"websocket: malformed request from {_peer(connection)} refused "
-                                   f"(400): {why}; {self.context.counters['bad_requests']} in all")
-
-    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        for name in SINGLE_HEADERS:
-            if len(request.headers.get_all(name)) > 1:
-                return self.bad_request(connection, f"duplicated {name} header")
-        url = urlsplit(request.path)
-        origin = request.headers.get("Origin")
-        if origin is not None and origin not in self.origins and not same_origin(
-                origin, request.headers.get("Host"), tls=self.tls is not None,
-                loopback_only=is_loopback(self.host)):
-            self.context.counters["rejected_origin"] += 1
-            return connection.respond(403, "Forbidden: origin not allowed\n")
-        if url.path == "/healthz":
-            body = orjson.dumps({"status": "ok", "clients": len(self.clients),
-                                 "sent": self.context.counters["sent"],
-                                 "dropped": self.context.counters["client_drops"],
-                                 "replay": len(self.replay)})
-            return _response(200, "OK", body, "application/json")
-        if url.path == "/dashboard":
-            return _response(200, "OK", self._dashboard, "text/html; charset=utf-8")
-        if url.path != self.path:
-            return connection.respond(404, "Not Found\n")
-        if self._token is not None and not self._authorized(request, url.query):
-            self.context.counters["rejected_auth"] += 1
-            response = connection.respond(401, "Unauthorized\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="memagent"'
-            return response
-        if len(self.clients) >= self.max_clients:
-            self.context.counters["rejected_full"] += 1
-            return connection.respond(503, "Service Unavailable: too many clients\n")
-        return None
-
-    def _authorized(self, request: Request, query: str) -> bool:
-        assert self._token is not None
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            # websockets reads header bytes as ISO-8859-1; the client may have sent the token's
-            # UTF-8 bytes (undo that reading) or its ISO-8859-1 bytes (encode as UTF-8).
-            offered = header[7:].strip()
-            raw = offered.encode("iso-8859-1", "replace")
-            return hmac.compare_digest(raw, self._token) | hmac.compare_digest(offered.encode(), self._token)
-        offered = (parse_qs(query).get("token") or [""])[0]
-        return hmac.compare_digest(offered.encode(), self._token)
 
     # -- one connection --------------------------------------------------------------------------
 
@@ -615,61 +350,9 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
             return
 
 
-def _connection_class(sink: WebSocketSink) -> type[ServerConnection]:
-    """websockets' connection, tracked by ``sink`` from the first byte (so close() can abort any
-    of them, mid-handshake included) and answering a request that is not HTTP with a 400."""
-
-    class FeedConnection(ServerConnection):
-        answered = False
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            sink._connections.add(self)  # noqa: SLF001 - the sink's own helper class
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            sink._connections.discard(self)  # noqa: SLF001 - the sink's own helper class
-            super().connection_lost(exc)
-
-        def send_data(self) -> None:
-            # websockets answers an unparseable request with a bare EOF; write a 400 before it.
-            # (An internal hook: should websockets rename it, requests just get the bare EOF.)
-            failed = self.protocol.handshake_exc
-            if (not self.answered and self.request is None and isinstance(failed, InvalidMessage)
-                    and not isinstance(failed.__cause__, EOFError)):  # EOF: the client just left
-                self.answered = True
-                sink.note_bad_request(self, "not an HTTP request")
-                self.transport.write(_BAD_REQUEST)
-            super().send_data()
-
-    return FeedConnection
-
-
-async def _finished(waiting: Awaitable[None], timeout: float) -> bool:
-    """Whether ``waiting`` finished within ``timeout`` seconds."""
-    try:
-        await asyncio.wait_for(waiting, timeout)
-    except TimeoutError:
-        return False
-    return True
-
-
 async def _close_or_abort(connection: ServerConnection, code: int, reason: str) -> None:
     """Close with ``code``; abort the connection if the client has not answered in time."""
     try:
         await asyncio.wait_for(connection.close(code, reason), CLOSE_TIMEOUT)
     except TimeoutError:
         connection.transport.abort()
-
-
-def _response(status: int, reason: str, body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store"), ("Server", "memagent")])
-    return Response(status, reason, headers, body)
-
-
-def _peer(connection: ServerConnection) -> str:
-    try:
-        host, port = connection.remote_address[:2]
-        return f"{host}:{port}"
-    except (TypeError, ValueError, AttributeError):
-        return "?"

@@ -51,8 +51,8 @@ async def serve(rate: int, seconds: float, batch: bool) -> None:
     while (elapsed := time.monotonic() - start) < seconds:
         tick += 1
         ts = iso_utc(time.time())
-        batch = [maker.sample("bench", info, Reading(4242, info.started, {"rss": 1 << 20, "vms": 1 << 24},
-                                                     {"shared": 0}), ts) for _ in range(per_batch)]
+        reading = Reading(4242, info.started, {"rss": 1 << 20, "vms": 1 << 24}, {"shared": 0})
+        batch = [maker.seal(maker.sample("bench", info, reading, ts)) for _ in range(per_batch)]
         await sink.write(batch)
         await asyncio.sleep(max(0.0, start + tick * 0.01 - time.monotonic()))
     await asyncio.sleep(2)  # let the healthy clients drain
