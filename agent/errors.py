@@ -8,19 +8,20 @@ The tree, and what happens next when each is raised::
     │   └── PluginLoadError   import failed or not runnable here; that plugin is unusable,
     │                         the others still load (exit 2 if the config names it)
     ├── SinkError             a sink could not write a batch; the framework keeps the batch,
-    │                         reports once per episode, and retries with backoff
+    │   │                     reports once per episode, and retries with backoff
     │   ├── SinkClosed        the sink's destination is gone for good (stdout's reader left):
     │   │                     no retry; its records are counted as dropped; when every sink
     │   │                     is closed the agent stops, exit 1
     │   └── SinkRejected      this batch can never be written (a record the sink cannot
     │                         serialize): the batch is dropped and counted, the sink goes on
-    └── ProcessError          one process could not be sampled; becomes one record, never a crash
-        ├── ProcessGone       (also ProcessLookupError) the process exited: an ``exit`` record
-        └── ProcessDenied     (also PermissionError) not allowed to read it: one ``error`` record
+    ├── StartupError          a sink could not start (a port in use): nothing runs; exit 1
+    └── EverySinkClosed       every sink closed for good (``memagent run | head``): nothing can
+                              be delivered, so the agent stopped after its drain; exit 1
 
-Errors that mirror a built-in inherit it too, so ``except PermissionError`` still works.
-Nothing here is raised for a normal event such as a process exiting between two ticks;
-backends report those as results (see :mod:`memagent.contracts`), not exceptions.
+Nothing here is raised for a normal event such as a process exiting between two ticks, or one
+process that cannot be read: backends report those as results (:class:`~memagent.contracts.Gone`,
+:class:`~memagent.contracts.Failure`), which become ``exit`` and ``error`` records, never
+exceptions.
 """
 
 from __future__ import annotations
@@ -77,17 +78,10 @@ class SinkRejected(SinkError):
     way after a few attempts."""
 
 
-class ProcessError(MemagentError):
-    """One process could not be read."""
-
-    def __init__(self, pid: int, problem: str) -> None:
-        self.pid = pid
-        super().__init__(f"pid {pid}: {problem}")
+class StartupError(MemagentError):
+    """The agent could not start (a sink failed to open); nothing is running. Exit 1."""
 
 
-class ProcessGone(ProcessError, ProcessLookupError):
-    """The process no longer exists (exited, or its pid now belongs to another process)."""
-
-
-class ProcessDenied(ProcessError, PermissionError):
-    """The agent is not permitted to read this process."""
+class EverySinkClosed(MemagentError):
+    """Every sink closed for good (``memagent run | head``): nothing can be delivered, so the
+    agent stopped. Raised after the drain; exit 1."""

@@ -106,10 +106,6 @@ class Options:
         """The dotted path of one key in this table."""
         return f"{self._path}.{name}" if self._path else name
 
-    def has(self, name: str) -> bool:
-        """Whether the user set ``name`` (does not consume it)."""
-        return name in self._raw
-
     def _take(self, name: str, default: Any) -> tuple[Any, bool]:
         """(value, given): the user's value, or ``default`` when the key is absent."""
         self._known.add(name)

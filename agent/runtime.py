@@ -29,7 +29,7 @@ from typing import Any
 
 from memagent.config import Config
 from memagent.contracts import Backend, Counting, SinkContext
-from memagent.errors import MemagentError
+from memagent.errors import EverySinkClosed, StartupError
 from memagent.fanout import Fanout, Outlet
 from memagent.pipeline import Pipeline
 from memagent.records import RecordMaker, iso_utc, new_run_id
@@ -38,15 +38,6 @@ from memagent.scheduler import Scheduler
 from memagent.targets import Selector
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(MemagentError):
-    """The agent could not start (a sink failed to open); nothing is running. Exit 1."""
-
-
-class EverySinkClosed(MemagentError):
-    """Every sink closed for good (``memagent run | head``): nothing can be delivered, so the
-    agent stopped. Raised after the drain; exit 1."""
 
 
 @dataclass
