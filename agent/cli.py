@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from importlib import resources
 
 from memagent.config import Config, default_config_text, load_config, parse_config
 from memagent.errors import ConfigError, MemagentError, PluginLoadError
+from memagent.record_types import record_schema
 from memagent.registry import discover, load
 from memagent.runtime import build, run_until_signalled
 
@@ -105,7 +107,7 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    print(resources.files("memagent").joinpath("schema/record-v1.json").read_text(encoding="utf-8"), end="")
+    print(json.dumps(record_schema(), indent=2))
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from memagent.contracts import ProcessInfo, Reading, Record
+from memagent.record_types import record_type
 
 SCHEMA_VERSION = 1
 
@@ -72,6 +73,17 @@ class RecordMaker:
         fields = draft.fields
         fields["seq"] = self._seq
         return Record(self._seq, draft.type, draft.target, draft.pid, fields, orjson.dumps(fields))
+
+    def derived(self, kind: str, body: dict[str, Any], ts: str, *, target: str | None = None,
+                pid: int | None = None) -> Draft:
+        """A draft of a registered type other than the five made above (a processor's per-target
+        totals, say); ``body`` holds its own fields. ValueError for an unregistered type, so
+        nothing the schema does not describe is ever made."""
+        try:
+            record_type(kind)
+        except KeyError:
+            raise ValueError(f"record type {kind!r} is not registered (memagent.record_types)") from None
+        return self._finish(kind, target, pid, body, ts)
 
     def _finish(self, kind: str, target: str | None, pid: int | None,
                 body: dict[str, Any], ts: str) -> Draft:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+
+from memagent import record_types
 
 import attacker
 
@@ -23,10 +23,9 @@ def pytest_report_header() -> str:
 
 @pytest.fixture(scope="session")
 def record_schema() -> dict[str, Any]:
-    """The JSON Schema shipped in the package."""
-    schema: dict[str, Any] = json.loads(
-        resources.files("memagent").joinpath("schema/record-v1.json").read_text(encoding="utf-8"))
-    return schema
+    """The JSON Schema the agent ships (assembled from the record-type registry), as
+    ``memagent schema`` prints it."""
+    return record_types.record_schema()
 
 
 @pytest.fixture(scope="session")

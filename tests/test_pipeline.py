@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -12,6 +12,7 @@ from memagent.config import TargetConfig
 from memagent.contracts import SAMPLE_CHUNK, ProcessInfo
 from memagent.fanout import Fanout, Outlet
 from memagent.pipeline import Pipeline, Processor
+from memagent.record_types import COUNT, RecordType, register, unregister
 from memagent.records import Draft, RecordMaker
 from memagent.scheduler import Scheduler
 from memagent.targets import Selector
@@ -35,8 +36,7 @@ class TickCounter:
         return [d for d in chunk if d.pid != 13]
 
     def end_tick(self, ts: str, targets: Sequence[str]) -> list[Draft]:
-        draft = self.maker._finish("tick_total", None, None,  # noqa: SLF001 - a test-only type
-                                   {"targets": list(targets), "samples": self.samples}, ts)
+        draft = self.maker.derived("tick_total", {"targets": list(targets), "samples": self.samples}, ts)
         self.samples = 0
         return [draft]
 
@@ -54,6 +54,23 @@ class Uppercase:
 
     def end_tick(self, ts: str, targets: Sequence[str]) -> list[Draft]:
         return []
+
+
+@pytest.fixture(autouse=True)
+def tick_total_type() -> Iterator[None]:
+    """A throwaway record type for derived records, registered for each test only."""
+    register(RecordType(name="tick_total", summary="test: samples in one tick",
+                        fields={"targets": {"type": "array"}, "samples": COUNT},
+                        required=("targets", "samples")))
+    yield
+    unregister("tick_total")
+
+
+def test_only_registered_types_can_be_derived() -> None:
+    """A processor cannot make a record the schema does not describe."""
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    with pytest.raises(ValueError, match="'made_up' is not registered"):
+        maker.derived("made_up", {}, "2026-11-25T05:00:00Z")
 
 
 def world(count: int) -> FakeBackend:

@@ -1,5 +1,8 @@
 """The ``stdout`` sink: NDJSON for pipes, or one readable line per record for people.
 
+The readable line is :func:`memagent.record_types.text_line`: each record type says how it reads,
+and every line is escaped there, so nothing a process controls can forge a line.
+
 Writes happen in a worker thread, so a slow reader on the other end of a pipe never blocks the
 event loop (the outlet's queue and ``when_full`` absorb it instead). A closed pipe
 (``memagent run | head``) raises :class:`~memagent.errors.SinkClosed`: no reader will come back,
@@ -12,60 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, BinaryIO, ClassVar
+from collections.abc import Sequence
+from typing import BinaryIO, ClassVar
 
 from memagent.contracts import Record, SinkContext
 from memagent.errors import SinkClosed, SinkError
 from memagent.options import Options
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: anything a terminal or
-# a line-based reader could take as a new line, a cursor move or an escape sequence
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(text: str) -> str:
-    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u2028``), so a
-    process name or command line can never start a new line or move the cursor."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-def human_bytes(value: int) -> str:
-    """``15491072`` → ``14.8MiB``."""
-    amount = float(value)
-    for unit in _UNITS:
-        if abs(amount) < 1024 or unit == _UNITS[-1]:
-            return f"{int(amount)}{unit}" if unit == "B" else f"{amount:.1f}{unit}"
-        amount /= 1024
-    raise AssertionError("unreachable")
-
-
-def text_line(fields: Mapping[str, Any]) -> str:
-    """One readable line for a record, e.g.
-    ``05:00:00.12 api 1234 gunicorn rss=14.8MiB vms=80.1MiB``. Everything that comes from a
-    process (name, command line, error messages) is passed through :func:`printable`."""
-    kind = fields["type"]
-    clock = fields["ts"][11:22]
-    if kind == "agent":
-        stats = fields["agent"]
-        dropped = sum(s.get("dropped", 0) for s in stats.get("sinks", {}).values())
-        return (f"{clock} agent processes={stats['processes']} records={stats['records']} "
-                f"skipped_ticks={stats['ticks_skipped']} dropped={dropped}")
-    who = f"{clock} {fields['target']} {fields['pid']} {printable(fields['name'])}"
-    if kind == "sample":
-        portable = fields["portable"]
-        parts = [f"rss={human_bytes(portable['rss'])}", f"vms={human_bytes(portable['vms'])}"]
-        for key, value in fields.get("full", {}).items():
-            parts.append(f"{key}={human_bytes(value)}")
-        return f"{who} " + " ".join(parts)
-    if kind == "start":
-        return f"{who} start: {printable(' '.join(fields.get('cmdline', []))[:120])}"
-    if kind == "error":
-        return f"{who} error {fields['error']['kind']}: {printable(fields['error']['message'])}"
-    return f"{who} {kind}"
+from memagent.record_types import text_line
 
 
 class StdoutSink:

@@ -8,6 +8,9 @@ JSON message (``{"target": ["api"], "pid": [42], "type": ["sample"], "fields": [
 Projection keeps the named top-level fields plus ``seq`` and ``type``, so a client can always
 detect loss and tell records apart. Projected bytes are shared through a :data:`Projections`
 cache: clients with the same ``fields`` get the same bytes object for a record, not a copy each.
+
+``type`` accepts the names in :mod:`memagent.record_types` (asked when a client subscribes, so a
+type registered later is accepted too).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from urllib.parse import parse_qs
 import orjson
 
 from memagent.contracts import Record
+from memagent.record_types import record_types
 
-RECORD_TYPES = frozenset({"sample", "start", "exit", "error", "agent"})
 FILTER_KEYS = ("target", "pid", "type", "fields", "since")
 ALWAYS_KEPT = ("seq", "type")
 
@@ -90,9 +93,8 @@ def subscription(raw: Mapping[str, Any]) -> Subscription:
     if unknown:
         raise BadFilter(f"unknown filter {unknown[0]!r}; use {', '.join(FILTER_KEYS)}")
     types = _strings("type", raw["type"]) if "type" in raw else None
-    if types is not None and not set(types) <= RECORD_TYPES:
-        bad = sorted(set(types) - RECORD_TYPES)[0]
-        raise BadFilter(f"type: unknown record type {bad!r}")
+    if types is not None and (unregistered := set(types) - {t.name for t in record_types()}):
+        raise BadFilter(f"type: unknown record type {sorted(unregistered)[0]!r}")
     since = None
     if "since" in raw:
         values = _ints("since", [raw["since"]] if not isinstance(raw["since"], (str, list)) else raw["since"])
