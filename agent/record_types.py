@@ -258,6 +258,14 @@ def _sample_text(record: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={human_bytes(value)}" for key, value in sizes.items())
 
 
+def closed_object(properties: Schema, *required: str, **extra: Any) -> Schema:
+    """An object schema with exactly ``properties`` (nothing else allowed), ``required`` ones."""
+    schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False, **extra}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
 def _platform_names(fields: tuple[str, ...]) -> Schema:
     return {"propertyNames": {"enum": list(fields)} if fields else {"not": {}}}
 
@@ -267,27 +275,15 @@ SAMPLE = register(RecordType(
     summary="one process's memory at one tick",
     fields={
         **PROCESS_FIELDS,
-        "portable": {
-            "type": "object",
-            "properties": {
-                "rss": {**COUNT, "description": "resident set size, bytes (Windows: wset)"},
-                "vms": {**COUNT, "description": "virtual memory size, bytes (Windows: pagefile)"},
-            },
-            "additionalProperties": False,
-            "required": ["rss", "vms"],
-        },
-        "platform": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {name: COUNT for name in sorted(set().union(*PLATFORM_FIELDS.values()))},
-            "description": "exactly the psutil memory_info fields of this OS that the backend could "
-                           "read; bytes except the counts pfaults, pageins, num_page_faults",
-        },
-        "full": {
-            "type": "object",
-            "properties": {"uss": COUNT, "pss": COUNT, "swap": COUNT},
-            "additionalProperties": False,
-        },
+        "portable": closed_object({
+            "rss": {**COUNT, "description": "resident set size, bytes (Windows: wset)"},
+            "vms": {**COUNT, "description": "virtual memory size, bytes (Windows: pagefile)"},
+        }, "rss", "vms"),
+        "platform": closed_object(
+            {name: COUNT for name in sorted(set().union(*PLATFORM_FIELDS.values()))},
+            description="exactly the psutil memory_info fields of this OS that the backend could "
+                        "read; bytes except the counts pfaults, pageins, num_page_faults"),
+        "full": closed_object({"uss": COUNT, "pss": COUNT, "swap": COUNT}),
     },
     required=(*_PROCESS_REQUIRED, "portable", "platform"),
     text=_sample_text,
@@ -325,12 +321,8 @@ ERROR = register(RecordType(
     summary="a process could not be read; once per process and kind, never per tick",
     fields={
         **PROCESS_FIELDS,
-        "error": {
-            "type": "object",
-            "properties": {"kind": {"type": "string", "minLength": 1}, "message": {"type": "string"}},
-            "additionalProperties": False,
-            "required": ["kind", "message"],
-        },
+        "error": closed_object({"kind": {"type": "string", "minLength": 1}, "message": {"type": "string"}},
+                               "kind", "message"),
     },
     required=(*_PROCESS_REQUIRED, "error"),
     text=lambda record: f"error {record['error']['kind']}: {record['error']['message']}",
