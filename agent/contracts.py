@@ -35,7 +35,8 @@ class is derived from :class:`Backend` and :class:`Sink` (:func:`protocol_member
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -199,15 +200,16 @@ class Record:
 class SinkContext:
     """What the agent tells a sink when building it.
 
-    ``report`` logs a warning through the agent's logger (use it for events a person must see;
-    it is not rate-limited, so call it once per episode). ``counters`` is where a sink may keep
+    ``log`` is the sink's logger (``memagent.sink.<name>``), handed by the framework: the one way
+    a sink logs. ``log.warning`` for what a person must see (not rate-limited: once per
+    episode), ``log.info`` for recoveries, ``log.debug`` for detail. ``counters`` is where a sink may keep
     extra counters that the agent publishes under its name in ``agent`` records.
     """
 
     name: str
     hostname: str
     run: str
-    report: Callable[[str], None]
+    log: logging.Logger
     counters: dict[str, int] = field(default_factory=dict)
 
 

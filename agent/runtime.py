@@ -152,9 +152,8 @@ def build(config: Config) -> Agent:
     outlets = []
     try:
         for sink_config in config.sinks:
-            sink_log = logging.getLogger(f"memagent.sink.{sink_config.name}")
             context = SinkContext(name=sink_config.name, hostname=config.agent.hostname,
-                                  run=maker.run, report=sink_log.warning)
+                                  run=maker.run, log=logging.getLogger(f"memagent.sink.{sink_config.name}"))
             sink = build_sink(sink_config.type, sink_config.key, sink_config.options, context)
             outlets.append(Outlet(sink_config.name, sink, queue=sink_config.queue,
                                   when_full=sink_config.when_full, batch=sink_config.batch,

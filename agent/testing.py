@@ -2,13 +2,14 @@
 
 - :func:`make_records` gives real schema-v1 :class:`~memagent.contracts.Record` objects with a
   contiguous ``seq``, as the agent would produce them.
-- :func:`sink_context` gives a :class:`~memagent.contracts.SinkContext` whose reports are kept
-  in a list you can assert on.
+- :func:`sink_context` gives a :class:`~memagent.contracts.SinkContext` whose logger keeps
+  what the sink logged (:class:`RecordingLogger`), to assert on.
 - :class:`FakeBackend` is a backend whose processes and readings a test sets by hand.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
@@ -41,16 +42,26 @@ def make_records(count: int, *, target: str = "test", pid: int = 4242,
     return records
 
 
-class ReportLog(list[str]):
-    """The reports a sink made, in order."""
+class RecordingLogger(logging.Logger):
+    """A sink's logger that keeps what it logged, for assertions: ``reports`` (warnings and
+    errors, what a person must see) and ``infos`` (info and debug), as plain messages. Records
+    also go on to the usual handlers (pytest's ``caplog`` sees them)."""
 
-    def __call__(self, message: str) -> None:
-        self.append(message)
+    def __init__(self, name: str) -> None:
+        super().__init__(name, logging.DEBUG)
+        self.parent = logging.getLogger("memagent.sink")  # records still reach pytest's caplog
+        self.reports: list[str] = []
+        self.infos: list[str] = []
+
+    def handle(self, record: logging.LogRecord) -> None:
+        (self.reports if record.levelno >= logging.WARNING else self.infos).append(record.getMessage())
+        super().handle(record)
 
 
 def sink_context(name: str = "sink", hostname: str = "test-host") -> SinkContext:
-    """A context whose ``report`` appends to a :class:`ReportLog` (``context.report``)."""
-    return SinkContext(name=name, hostname=hostname, run="0123456789abcdef", report=ReportLog())
+    """A context whose ``log`` is a :class:`RecordingLogger` (``context.log.reports``)."""
+    return SinkContext(name=name, hostname=hostname, run="0123456789abcdef",
+                       log=RecordingLogger(f"memagent.sink.{name}"))
 
 
 class FakeBackend:

@@ -25,7 +25,6 @@ from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.sinks.listener import CLOSE_GRACE, Listener, ListenerOptions, response
 from memagent.plugins.sinks.listener_security import Throttled, exposure_warnings, same_origin
-from memagent.testing import ReportLog
 
 from cli_helpers import scaled, until
 from ws_helpers import (
@@ -64,7 +63,7 @@ async def running_listener(options: ListenerOptions | None = None) -> AsyncItera
     """A started listener with /metrics (token-protected when there is a token), a public
     /about and a /broken route; no feed; closed afterwards."""
     listener = Listener(options or ListenerOptions(), name="metrics", counters={}, health=health,
-                        loggers=(sink_log,))
+                        log=sink_log)
     listener.route("/metrics", metrics)
     listener.route("/about", lambda request: response(200, b"memagent\n", "text/plain"), token=False)
     listener.route("/broken", broken)
@@ -133,7 +132,7 @@ async def test_route_that_raises_answers_500_and_the_listener_carries_on(
         after, _, _ = await fetch(listener, "/metrics")
     assert statuses == [500] * 3 and after == 200
     assert listener.counters["server_errors"] == 3
-    failures = [r.getMessage() for r in caplog.records if r.name.endswith(".listener")]
+    failures = [m for r in caplog.records if r.name == sink_log.name and "failed" in (m := r.getMessage())]
     assert len(failures) == 1 and "GET /broken failed (500): KeyError" in failures[0], failures
     assert not any(r.exc_info or r.exc_text for r in caplog.records)
 
@@ -299,7 +298,7 @@ async def test_token_is_redacted_from_every_log_in_every_form(caplog: pytest.Log
 async def test_close_is_bounded_with_idle_and_half_sent_requests() -> None:
     """Connections that never finish their request do not hold close() past 2 × CLOSE_GRACE (plus
     slack); they are closed, and the redaction filters are removed."""
-    listener = Listener(ListenerOptions(), name="metrics", counters={}, health=health, loggers=(sink_log,))
+    listener = Listener(ListenerOptions(), name="metrics", counters={}, health=health, log=sink_log)
     await listener.start()
     assert sink_log.filters
     idle = [await asyncio.to_thread(socket.create_connection, ("127.0.0.1", listener.port))
@@ -354,7 +353,7 @@ def test_exposure_beyond_loopback_is_reported() -> None:
     assert len(exposure_warnings("0.0.0.0", None, False)) == 2  # noqa: S104 - the case under test
     [tls_only] = exposure_warnings("10.1.2.3", "t0ken", False)
     assert "without TLS" in tls_only and "t0ken" not in tls_only
-    reports = ReportLog()
-    ListenerOptions(host="0.0.0.0").report_exposure("sinks[3]", reports, serves="metrics")  # noqa: S104
+    reports: list[str] = []
+    ListenerOptions(host="0.0.0.0").report_exposure("sinks[3]", reports.append, serves="metrics")  # noqa: S104
     assert [r.split(": ", 2)[:2] for r in reports] == [["SECURITY", "sinks[3]"]] * 2
     assert all('host = "0.0.0.0" serves metrics beyond this machine' in r for r in reports)

@@ -68,7 +68,7 @@ async def test_keep_prunes_oldest_archives(tmp_path: Path, compress: bool) -> No
     archives = archives_of(str(live))
     assert len(archives) == 3 and sink.context.counters["rotations"] > 3
     assert all(a.endswith(".gz") == compress for a in archives)
-    assert "archive_errors" not in sink.context.counters and list(sink.context.report) == []
+    assert "archive_errors" not in sink.context.counters and list(sink.context.log.reports) == []
     leftovers = {p.name for p in tmp_path.iterdir()} - {live.name, *(Path(a).name for a in archives)}
     assert leftovers == set()  # no .partial, no uncompressed archive left behind
     assert seqs_in_order(live)[-1] == 90
@@ -159,7 +159,7 @@ async def test_unwritable_path_is_reported_not_fatal_and_recovers(tmp_path: Path
     with tmpfs(tmp_path / "ro", readonly=True) as disk:
         sink = file_sink(disk / "m.ndjson")
         await sink.start()
-        assert len(sink.context.report) == 1 and "Read-only file system" in sink.context.report[0]
+        assert len(sink.context.log.reports) == 1 and "Read-only file system" in sink.context.log.reports[0]
         records = make_records(5)
         with pytest.raises(SinkError, match="Read-only file system"):
             await sink.write(records)
@@ -237,7 +237,7 @@ async def test_failed_fsync_is_reported_once_and_never_duplicates(tmp_path: Path
     assert received.splitlines() == [r.json for r in records]
     assert sink.context.counters["fsync_errors"] == 4  # each batch, and close tries once more
     assert sink.context.counters["truncations"] == 0  # a FIFO's size 0 is not a truncation
-    assert [m for m in sink.context.report if "fsync" in m] == [
+    assert [m for m in sink.context.log.reports if "fsync" in m] == [
         f"file sink file: fsync {fifo} failed: Invalid argument; records written may not be on disk"]
 
 

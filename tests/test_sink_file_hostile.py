@@ -69,7 +69,7 @@ async def test_link_at_live_path_is_refused_counted_and_retried_until_gone(
     failed = [m for m in caplog.messages if "write failed" in m]
     assert len(failed) == 1 and f"{live}: refusing to open: is a symbolic link" in failed[0]
     assert f"file sink file: cannot open {live}: refusing to open: is a symbolic link; records wait " \
-           "in its queue and the path is retried" in sink.context.report
+           "in its queue and the path is retried" in sink.context.log.reports
 
 
 async def test_dangling_link_at_live_path_creates_nothing(logs: Path, tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ async def test_archive_swapped_for_a_link_is_not_compressed(logs: Path, tmp_path
     assert [p.name for p in logs.glob("*.gz") if SECRET in gzip.decompress(p.read_bytes())] == []
     assert sorted(os.listdir(logs)) == sorted([live.name, Path(archive).name])  # no .gz, no .partial
     assert sink.context.counters["archive_errors"] == 1 and sink.context.counters["refused_paths"] == 1
-    assert sink.context.report[-1] == (f"file sink file: archiving failed: {archive}: refusing to open: "
+    assert sink.context.log.reports[-1] == (f"file sink file: archiving failed: {archive}: refusing to open: "
                                        "is a symbolic link; archives are left as they are")
 
 
@@ -240,4 +240,4 @@ async def test_directory_writable_by_others_is_reported_once(owner: int, group: 
     await sink.close()
     warning = (f"file sink file: directory {logs} is writable by others (owner uid {owner}, "
                f"mode {mode:04o}); memagent refuses links there but consider a directory only root can write")
-    assert list(sink.context.report) == ([warning] if warned else [])
+    assert list(sink.context.log.reports) == ([warning] if warned else [])

@@ -110,7 +110,7 @@ def test_exposure_beyond_loopback_is_warned_when_the_sink_is_built() -> None:
     (which cases warn: tests/test_listener.py)."""
     context = sink_context("websocket")
     WebSocketSink.from_options(Options({"host": "0.0.0.0"}, "sinks[1]"), context)  # noqa: S104
-    reports: list[str] = context.report  # type: ignore[assignment]
+    reports = context.log.reports  # type: ignore[attr-defined]
     assert [r.split(":")[0] for r in reports] == ["SECURITY", "SECURITY"]
     assert "sinks[1]" in reports[0] and "without a token" in reports[0] and "without TLS" in reports[1]
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import stat
 import time
@@ -69,8 +68,6 @@ from memagent.plugins.sinks.file_rotation import (
     prune,
     shared_directory,
 )
-
-log = logging.getLogger(__name__)
 
 FSYNC_MODES = ("never", "batch", "interval")
 
@@ -178,7 +175,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         shared = shared_directory(where)
         if shared and directory not in self._warned:
             self._warned.add(directory)
-            self.context.report(
+            self.context.log.warning(
                 f"file sink {self.context.name}: directory {directory or '.'} is writable by others "
                 f"(owner uid {where.st_uid}, mode {stat.S_IMODE(where.st_mode):04o}); memagent refuses "
                 "links there but consider a directory only root can write")
@@ -193,7 +190,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._regular = stat.S_ISREG(opened.st_mode)
         self._size = opened.st_size
         if self._open_problem is not None:
-            log.info("file sink %s: %s is writable again", self.context.name, path)
+            self.context.log.info("file sink %s: %s is writable again", self.context.name, path)
             self._open_problem = None
 
     def _forget_directory(self) -> None:
@@ -229,7 +226,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             self.context.counters["fsync_errors"] += 1
             if not self._fsync_failing:
                 self._fsync_failing = True
-                self.context.report(f"file sink {self.context.name}: fsync {self.path} failed: "
+                self.context.log.warning(f"file sink {self.context.name}: fsync {self.path} failed: "
                                     f"{exc.strerror or exc}; records written may not be on disk")
             return
         finally:
@@ -238,7 +235,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self.context.counters["fsyncs"] += 1
         if self._fsync_failing:
             self._fsync_failing = False
-            log.info("file sink %s: fsync works again", self.context.name)
+            self.context.log.info("file sink %s: fsync works again", self.context.name)
 
     async def _fsync_later(self) -> None:
         """``fsync = "interval"``: the last batch reaches the disk even if no batch follows."""
@@ -256,7 +253,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             await self._open(path)
         except OSError as exc:
             self._open_problem = self._explain(exc, path)
-            self.context.report(f"file sink {self.context.name}: cannot open {self._open_problem}; "
+            self.context.log.warning(f"file sink {self.context.name}: cannot open {self._open_problem}; "
                                 "records wait in its queue and the path is retried")
 
     # -- before each batch: is the file at the path still ours? -----------------------------------
@@ -281,7 +278,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         if self._regular and at_path.st_size < self._size:
             # truncated under us (copytruncate): O_APPEND already writes at the new end
             self.context.counters["truncations"] += 1
-            log.info("file sink %s: %s was truncated (%d → %d bytes); appending at its new end",
+            self.context.log.info("file sink %s: %s was truncated (%d → %d bytes); appending at its new end",
                      self.context.name, path, self._size, at_path.st_size)
         self._size = at_path.st_size
 
@@ -317,7 +314,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
                 await asyncio.to_thread(prune, directory, live, self.keep)
         except OSError as exc:
             self.context.counters["archive_errors"] = self.context.counters.get("archive_errors", 0) + 1
-            self.context.report(f"file sink {self.context.name}: archiving failed: "
+            self.context.log.warning(f"file sink {self.context.name}: archiving failed: "
                                 f"{self._explain(exc, archive)}; archives are left as they are")
         finally:
             os.close(directory)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -76,8 +76,6 @@ from memagent.plugins.sinks.listener_security import (
     same_origin,
     token_matches,
 )
-
-log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/healthz"
 #: Seconds clients get at shutdown to complete the closing handshake before their connections are
@@ -184,13 +182,14 @@ class Listener:
     ``name`` prefixes its log lines and names its websockets logger; ``counters`` (the sink's
     ``context.counters``) receives ``bad_requests``, ``rejected_origin``, ``rejected_auth``,
     ``server_errors`` and, with a feed, ``rejected_full``; ``health`` supplies the fields of
-    ``GET /healthz``; ``loggers`` are the sink's own loggers, redacted like the listener's.
+    ``GET /healthz``; ``log`` is the sink's logger (its ``context.log``): the listener logs
+    through it and redacts it, as it redacts websockets' logger.
     No I/O before :meth:`start`.
     """
 
     def __init__(self, options: ListenerOptions, *, name: str, counters: dict[str, int],
                  health: Callable[[], Mapping[str, object]], feed: Feed | None = None,
-                 loggers: Sequence[logging.Logger] = ()) -> None:
+                 log: logging.Logger | None = None) -> None:
         self.options, self.name, self.counters, self.feed = options, name, counters, feed
         self.port = options.port  # the bound port once started
         self._health = health
@@ -202,9 +201,10 @@ class Listener:
         self._server: Server | None = None
         self._redactor = Redactor(options.token)
         self._protocol_log = logging.getLogger(f"websockets.server.{name}")
-        self._loggers = (self._protocol_log, log, *loggers)
-        self._bad_requests = Throttled(log, BAD_REQUEST_LOG_EVERY)
-        self._server_errors = Throttled(log, BAD_REQUEST_LOG_EVERY)
+        self.log = log if log is not None else logging.getLogger(f"memagent.sink.{name}")
+        self._loggers = (self._protocol_log, self.log)
+        self._bad_requests = Throttled(self.log, BAD_REQUEST_LOG_EVERY)
+        self._server_errors = Throttled(self.log, BAD_REQUEST_LOG_EVERY)
         for counter in ("bad_requests", "rejected_origin", "rejected_auth", "server_errors",
                         *(("rejected_full",) if feed else ())):
             counters.setdefault(counter, 0)
@@ -248,12 +248,12 @@ class Listener:
         server.close()  # stops listening, rejects handshakes in progress, closes clients with 1001
         if not await _finished(server.wait_closed(), CLOSE_GRACE):
             stuck = list(self._connections)
-            log.warning("%s: %d connection(s) still open %.1fs after closing; aborting them",
+            self.log.warning("%s: %d connection(s) still open %.1fs after closing; aborting them",
                         self.name, len(stuck), CLOSE_GRACE)
             for connection in stuck:
                 connection.transport.abort()
             if not await _finished(server.wait_closed(), CLOSE_GRACE):
-                log.error("%s: connections still open after being aborted; leaving them", self.name)
+                self.log.error("%s: connections still open after being aborted; leaving them", self.name)
         self._remove_redactor()
 
     def _remove_redactor(self) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -57,8 +56,6 @@ from memagent.plugins.sinks.websocket_filters import (
     from_query,
     joined,
 )
-
-log = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008  # bad filter or message
 CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
@@ -171,7 +168,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
                     ping_interval=ping_interval, ping_timeout=ping_timeout, write_limit=write_limit,
                     max_size=max_size, close_timeout=CLOSE_TIMEOUT)
         self.listener = Listener(listener or ListenerOptions(port=8765), name=context.name,
-                                 counters=context.counters, health=self._health, feed=feed, loggers=(log,))
+                                 counters=context.counters, health=self._health, feed=feed, log=context.log)
         self.listener.route(DASHBOARD_PATH, self._answer_dashboard, token=False)
         for counter in ("clients", "connections", "sent", "client_drops", "disconnected_slow", "bad_filters"):
             context.counters.setdefault(counter, 0)
@@ -204,7 +201,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
             max_size=options.integer("max_size", 4096, minimum=64),
         )
         options.finish()
-        listener.report_exposure(options.path, context.report, serves="the feed")
+        listener.report_exposure(options.path, context.log.warning, serves="the feed")
         return sink
 
     @property
@@ -219,7 +216,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self._dashboard = page.replace("__MEMAGENT_FEED_PATH__", self.path).encode()
         await self.listener.start()
         scheme = "wss" if self.listener.tls else "ws"
-        log.info("websocket feed on %s://%s:%d%s (dashboard: %s, health: %s)", scheme,
+        self.context.log.info("websocket feed on %s://%s:%d%s (dashboard: %s, health: %s)", scheme,
                  self.listener.options.host, self.port, self.path, DASHBOARD_PATH, HEALTH_PATH)
 
     async def close(self) -> None:
@@ -271,7 +268,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self.context.counters["disconnected_slow"] += 1
         self.context.counters["clients"] = len(self.clients)
         reason = f"too slow: {client.dropped_since_caught_up} records dropped"
-        log.warning("websocket client %s closed: %s", peer(client.connection), reason)
+        self.context.log.warning("websocket client %s closed: %s", peer(client.connection), reason)
         task = asyncio.create_task(_close_or_abort(client.connection, CLOSE_TOO_SLOW, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
