@@ -213,6 +213,18 @@ class SinkContext:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+def ndjson(batch: Sequence[Record]) -> bytes:
+    """A batch as NDJSON: each record's shared bytes, one per line, newline-terminated."""
+    return b"\n".join(record.json for record in batch) + b"\n"
+
+
+def declare_counters(counters: dict[str, int], *names: str) -> None:
+    """Start ``names`` at 0 in ``counters`` (a sink's ``context.counters``) unless already there,
+    so ``agent`` records show them before the first event."""
+    for name in names:
+        counters.setdefault(name, 0)
+
+
 @runtime_checkable
 class Sink(Protocol):
     """Delivers batches of records somewhere. See the module docstring for the calling rules."""

@@ -30,10 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from memagent.bounded import BoundedQueue
 from memagent.contracts import Record, Reopenable, Sink
 from memagent.errors import SinkClosed, SinkError, SinkRejected
 
@@ -65,7 +65,7 @@ class Outlet:
         self.batch = batch
         self.targets = frozenset(targets) if targets is not None else None
         self.extra = extra if extra is not None else {}
-        self._queue: deque[Record] = deque()
+        self._queue: BoundedQueue[Record] = BoundedQueue(queue)
         self._ready = asyncio.Event()
         self._space = asyncio.Event()
         self._closing = False
@@ -121,21 +121,20 @@ class Outlet:
         if self.closed_reason is not None:
             self.dropped += 1  # logged once when the sink closed; counted in agent records
             return
-        if len(self._queue) >= self.capacity:
-            if self.when_full == "drop_newest":
-                self._count_drop(1, "queue full")
-                return
-            self._queue.popleft()
+        if self._queue.full and self.when_full == "drop_newest":
             self._count_drop(1, "queue full")
-        elif self._dropping and len(self._queue) < self.capacity // 2:
+            return
+        if self._dropping and len(self._queue) < self.capacity // 2:
             self._dropping = False
             log.info("sink %s: queue has room again; %d records dropped so far", self.name, self.dropped)
-        self._queue.append(record)
+        dropped = self._queue.push(record)
+        if dropped:
+            self._count_drop(dropped, "queue full")
         self._ready.set()
 
     async def put(self, record: Record) -> None:
         """Queue, waiting for room when the policy is ``block`` (until :meth:`unblock`)."""
-        while self.when_full == "block" and len(self._queue) >= self.capacity and not self._unblocked:
+        while self.when_full == "block" and self._queue.full and not self._unblocked:
             self._space.clear()
             await self._space.wait()
         self.offer(record)
@@ -162,10 +161,9 @@ class Outlet:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            count = min(self.batch, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(count)]
+            batch = self._queue.take(self.batch)
             self._space.set()
-            self._inflight = count
+            self._inflight = len(batch)
             await self._write_with_retry(batch)
             self._inflight = 0
             if self.closed_reason is not None:
@@ -230,8 +228,7 @@ class Outlet:
 
     def _close_for_good(self, unwritten: int, why: str) -> None:
         self.closed_reason = why
-        lost = unwritten + len(self._queue)
-        self._queue.clear()
+        lost = unwritten + self._queue.clear()
         self.dropped += lost
         self.closed.set()
         log.error("sink %s: closed for good: %s; %d records dropped, and every later record for "

@@ -55,7 +55,7 @@ from typing import Any, ClassVar
 import aiofiles
 import aiofiles.os
 
-from memagent.contracts import Record, SinkContext
+from memagent.contracts import Record, SinkContext, declare_counters, ndjson
 from memagent.errors import ConfigError, SinkError
 from memagent.options import Options
 from memagent.plugins.sinks.file_rotation import (
@@ -130,9 +130,8 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._flush_task: asyncio.Task[None] | None = None
         self._fsync_failing = False
         self._open_problem: str | None = None
-        for counter in ("bytes_written", "rotations", "reopens", "truncations", "write_errors",
-                        "fsyncs", "fsync_errors", "refused_paths"):
-            context.counters.setdefault(counter, 0)
+        declare_counters(context.counters, "bytes_written", "rotations", "reopens", "truncations",
+                         "write_errors", "fsyncs", "fsync_errors", "refused_paths")
 
     @classmethod
     def from_options(cls, options: Options, context: SinkContext) -> FileSink:
@@ -322,7 +321,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
     # -- writing ---------------------------------------------------------------------------------
 
     async def write(self, batch: Sequence[Record]) -> None:
-        data = b"\n".join(record.json for record in batch) + b"\n"
+        data = ndjson(batch)
         async with self._io:
             await self._write_locked(data)
         if self.fsync == "interval" and self._dirty and (self._flush_task is None or self._flush_task.done()):

@@ -66,6 +66,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidMessage
 from websockets.http11 import Request, Response
 
+from memagent.contracts import declare_counters
 from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.sinks.listener_security import (
@@ -205,9 +206,8 @@ class Listener:
         self._loggers = (self._protocol_log, self.log)
         self._bad_requests = Throttled(self.log, BAD_REQUEST_LOG_EVERY)
         self._server_errors = Throttled(self.log, BAD_REQUEST_LOG_EVERY)
-        for counter in ("bad_requests", "rejected_origin", "rejected_auth", "server_errors",
-                        *(("rejected_full",) if feed else ())):
-            counters.setdefault(counter, 0)
+        declare_counters(counters, "bad_requests", "rejected_origin", "rejected_auth", "server_errors",
+                         *(("rejected_full",) if feed else ()))
 
     @property
     def tls(self) -> bool:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO, ClassVar
 
-from memagent.contracts import Record, SinkContext
+from memagent.contracts import Record, SinkContext, ndjson
 from memagent.errors import SinkClosed, SinkError
 from memagent.options import Options
 from memagent.record_types import text_line
@@ -53,7 +53,7 @@ type = "stdout"
     def _encode(self, batch: Sequence[Record]) -> bytes:
         if self.text:
             return "".join(text_line(r.fields) + "\n" for r in batch).encode()
-        return b"\n".join(r.json for r in batch) + b"\n"
+        return ndjson(batch)
 
     def _write(self, data: bytes) -> None:
         assert self._stream is not None

@@ -44,7 +44,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from memagent.contracts import Record, SinkContext
+from memagent.bounded import BoundedQueue
+from memagent.contracts import Record, SinkContext, declare_counters
 from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.sinks.listener import HEALTH_PATH, Feed, Listener, ListenerOptions, peer, response
@@ -65,6 +66,10 @@ MIB = 1024 * 1024
 
 # -- clients ---------------------------------------------------------------------------------------
 
+def _record_bytes(record: Record) -> int:
+    return len(record.json)
+
+
 class Client:
     """One connected client: its subscription, its bounded record queue, its control messages
     (never dropped) and its sender task."""
@@ -73,10 +78,8 @@ class Client:
                  capacity_bytes: int) -> None:
         self.connection = connection
         self.subscription = subscription
-        self.queue: deque[bytes] = deque()
-        self.queued_bytes = 0
+        self.queue: BoundedQueue[bytes] = BoundedQueue(capacity, capacity_bytes, len)
         self.control: deque[bytes] = deque()  # at most one gap message; sent before any record
-        self.capacity, self.capacity_bytes = capacity, capacity_bytes
         self.ready = asyncio.Event()
         self.dropped_unreported = 0
         self.dropped_since_caught_up = 0
@@ -86,16 +89,11 @@ class Client:
     def offer(self, message: bytes) -> None:
         """Queue a record, dropping the oldest while either bound is exceeded (a record larger
         than the whole byte bound is dropped itself); every drop is counted the same way."""
-        size = len(message)
-        if size > self.capacity_bytes:
-            self._count_drop()
-        else:
-            while self.queue and (len(self.queue) >= self.capacity
-                                  or self.queued_bytes + size > self.capacity_bytes):
-                self.queued_bytes -= len(self.queue.popleft())
-                self._count_drop()
-            self.queue.append(message)
-            self.queued_bytes += size
+        dropped = self.queue.push(message)
+        if dropped:
+            self.dropped += dropped
+            self.dropped_unreported += dropped
+            self.dropped_since_caught_up += dropped
         self.ready.set()
 
     def tell(self, message: bytes) -> None:
@@ -105,16 +103,7 @@ class Client:
 
     def take(self, every: bool) -> list[bytes]:
         """The oldest queued record, or all of them."""
-        taken = list(self.queue) if every else [self.queue[0]]
-        for _ in taken:
-            self.queue.popleft()
-        self.queued_bytes -= sum(len(m) for m in taken)
-        return taken
-
-    def _count_drop(self) -> None:
-        self.dropped += 1
-        self.dropped_unreported += 1
-        self.dropped_since_caught_up += 1
+        return self.queue.take(len(self.queue) if every else 1)
 
 
 class WebSocketSink:
@@ -156,9 +145,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self.disconnect_after = disconnect_after
         self.batch = batch
         self.write_limit = write_limit
-        self.replay: deque[Record] = deque()
-        self.replay_limit, self.replay_bytes_limit = replay, replay_bytes
-        self.replay_bytes = 0
+        self.replay: BoundedQueue[Record] = BoundedQueue(replay, replay_bytes, _record_bytes)
         self.last_seq = 0
         self.clients: set[Client] = set()
         self._closing: set[asyncio.Task[None]] = set()
@@ -170,8 +157,8 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self.listener = Listener(listener or ListenerOptions(port=8765), name=context.name,
                                  counters=context.counters, health=self._health, feed=feed, log=context.log)
         self.listener.route(DASHBOARD_PATH, self._answer_dashboard, token=False)
-        for counter in ("clients", "connections", "sent", "client_drops", "disconnected_slow", "bad_filters"):
-            context.counters.setdefault(counter, 0)
+        declare_counters(context.counters, "clients", "connections", "sent", "client_drops",
+                         "disconnected_slow", "bad_filters")
 
     @classmethod
     def from_options(cls, options: Options, context: SinkContext) -> WebSocketSink:
@@ -255,12 +242,8 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
     def _remember(self, batch: Sequence[Record]) -> None:
         """Keep the batch in the replay buffer, evicting the oldest past either bound."""
         for record in batch:
-            self.replay.append(record)
-            self.replay_bytes += len(record.json)
+            self.replay.push(record)
             self.last_seq = max(self.last_seq, record.seq)
-        while self.replay and (len(self.replay) > self.replay_limit
-                               or self.replay_bytes > self.replay_bytes_limit):
-            self.replay_bytes -= len(self.replay.popleft().json)
 
     def _drop_slow(self, client: Client) -> None:
         self.clients.discard(client)
