@@ -73,6 +73,7 @@ class TargetConfig:
     self: bool = False
     children: bool = False
     full: bool = False
+    totals: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ def _target(opts: Options, agent: AgentConfig) -> TargetConfig:
         self=opts.boolean("self", False),
         children=opts.boolean("children", False),
         full=opts.boolean("full", False),
+        totals=opts.boolean("totals", False),
     )
     opts.finish()
     chosen = [s for s in SELECTORS if getattr(target, s) not in (None, False)]

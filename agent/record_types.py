@@ -380,3 +380,25 @@ AGENT = register(RecordType(
     required=("os", "backend", "pid", "agent"),
     text=_agent_text,
 ))
+
+
+def _totals_text(record: Mapping[str, Any]) -> str:
+    sizes = [f"{key}={human_bytes(record[key])}" for key in ("rss", "vms", "uss", "pss", "swap") if key in record]
+    return f"{record['target']} totals processes={record['processes']} " + " ".join(sizes)
+
+
+TOTALS = register(RecordType(
+    name="totals",
+    summary="one target's memory summed over its processes, once per tick (targets with totals = true)",
+    fields={
+        **pick(PROCESS_FIELDS, "os", "backend", "target"),
+        **_counts(processes="processes sampled in this tick (0: the target matches nothing now)",
+                  rss="sum of portable.rss, bytes", vms="sum of portable.vms, bytes",
+                  full_processes="how many of them had uss/pss/swap read (full = true)",
+                  uss="sum of full.uss over full_processes, bytes",
+                  pss="sum of full.pss over full_processes, bytes",
+                  swap="sum of full.swap over full_processes, bytes"),
+    },
+    required=("os", "backend", "target", "processes", "rss", "vms"),
+    text=_totals_text,
+))

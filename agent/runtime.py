@@ -36,6 +36,7 @@ from memagent.records import RecordMaker, iso_utc, new_run_id
 from memagent.registry import build_backend, build_sink
 from memagent.scheduler import Scheduler
 from memagent.targets import Selector
+from memagent.totals import TotalsProcessor
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ def build(config: Config) -> Agent:
         backend.close()
         raise
     fanout = Fanout(outlets)
-    scheduler = Scheduler(backend, [Selector(t) for t in config.targets], Pipeline(fanout, maker))
+    totalled = [t.name for t in config.targets if t.totals]
+    processors = [TotalsProcessor(maker, totalled)] if totalled else []
+    scheduler = Scheduler(backend, [Selector(t) for t in config.targets], Pipeline(fanout, maker, processors))
     return Agent(config, backend, fanout, scheduler, maker)
 
 
