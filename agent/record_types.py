@@ -383,7 +383,8 @@ AGENT = register(RecordType(
 
 
 def _totals_text(record: Mapping[str, Any]) -> str:
-    sizes = [f"{key}={human_bytes(record[key])}" for key in ("rss", "vms", "uss", "pss", "swap") if key in record]
+    sizes = [f"{key}={human_bytes(record[key])}"
+             for key in ("rss", "vms", "uss", "pss", "swap") if key in record]
     return f"{record['target']} totals processes={record['processes']} " + " ".join(sizes)
 
 
