@@ -65,6 +65,17 @@ class BoundedQueue(Generic[T]):
         self.bytes += size
         return dropped
 
+    def extend(self, items: list[T]) -> int:
+        """:meth:`push` each of ``items``, in order; returns how many items were dropped in all."""
+        if self.max_bytes is not None:
+            return sum(self.push(item) for item in items)
+        queue = self._items
+        queue.extend(items)
+        over = len(queue) - self.max_items
+        for _ in range(max(over, 0)):
+            queue.popleft()
+        return max(over, 0)
+
     def pop(self) -> T:
         """Remove and return the oldest item (IndexError if empty)."""
         item = self._items.popleft()
@@ -73,7 +84,11 @@ class BoundedQueue(Generic[T]):
 
     def take(self, count: int) -> list[T]:
         """Remove and return the ``count`` oldest items (fewer if fewer are held)."""
-        return [self.pop() for _ in range(min(count, len(self._items)))]
+        count = min(count, len(self._items))
+        if self.max_bytes is None:
+            popleft = self._items.popleft
+            return [popleft() for _ in range(count)]
+        return [self.pop() for _ in range(count)]
 
     def clear(self) -> int:
         """Remove everything; returns how many items were held."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from memagent.options import Options
 
@@ -103,8 +103,7 @@ class Counting(Protocol):
     counters: dict[str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """One memory sample of one process. All values are ints: bytes, except the counts named in
     the schema (``pfaults``, ``pageins``, ``num_page_faults``). A field the backend cannot provide
     is absent, never faked. ``full`` is None unless full info was asked for and could be read;
@@ -119,16 +118,14 @@ class Reading:
     problems: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Gone:
+class Gone(NamedTuple):
     """The process exited (or its pid was reused) since it was listed."""
 
     pid: int
     started: float
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
+class Failure(NamedTuple):
     """The process exists but could not be read. ``kind`` is a short stable word
     (``access_denied``, ``read_error``); the framework reports each (process, kind) once."""
 
@@ -183,8 +180,7 @@ def protocol_members(protocol: type) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if not n.startswith("_")))
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One schema-v1 record, encoded once. ``json`` is the orjson encoding of ``fields``
     (no trailing newline), shared by every sink. Treat ``fields`` as read-only."""
 

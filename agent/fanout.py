@@ -132,6 +132,20 @@ class Outlet:
             self._count_drop(dropped, "queue full")
         self._ready.set()
 
+    def offer_all(self, records: list[Record]) -> None:
+        """:meth:`offer` for a chunk this outlet accepts whole (no ``targets`` filter), at once."""
+        if self.closed_reason is not None or self.when_full == "drop_newest":
+            for record in records:
+                self.offer(record)
+            return
+        if self._dropping and len(self._queue) < self.capacity // 2:
+            self._dropping = False
+            log.info("sink %s: queue has room again; %d records dropped so far", self.name, self.dropped)
+        dropped = self._queue.extend(records)
+        if dropped:
+            self._count_drop(dropped, "queue full")
+        self._ready.set()
+
     async def put(self, record: Record) -> None:
         """Queue, waiting for room when the policy is ``block`` (until :meth:`unblock`)."""
         while self.when_full == "block" and self._queue.full and not self._unblocked:
@@ -279,8 +293,12 @@ class Fanout:
     async def publish(self, records: Sequence[Record]) -> None:
         """Queue records, in order, on every outlet that accepts them (waits only for full
         ``block`` outlets)."""
+        records = list(records)
         for outlet in self.outlets:
             blocking = self._blocking and outlet.when_full == "block"
+            if outlet.targets is None and not blocking:
+                outlet.offer_all(records)
+                continue
             for record in records:
                 if outlet.accepts(record):
                     if blocking:

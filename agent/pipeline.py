@@ -96,5 +96,4 @@ class Pipeline:
 
     async def _deliver(self, drafts: list[Draft]) -> None:
         if drafts:
-            seal = self.maker.seal
-            await self.fanout.publish([seal(draft) for draft in drafts])
+            await self.fanout.publish(self.maker.seal_all(drafts))

@@ -8,6 +8,9 @@ Guarantees:
   (``ticks_skipped``), never run late in a burst.
 - Sampling yields to the event loop every :data:`~memagent.contracts.SAMPLE_CHUNK` processes and
   process listing runs in a worker thread, so the loop is never blocked for long.
+- Targets with different intervals tick independently: a 10 ms target's tick runs between the
+  chunks of a long all-process tick instead of waiting for it. Only a rescan's change of
+  membership is exclusive (it waits for ticks in progress, and new ticks wait for it).
 - A process emits ``start`` when a target first matches it, ``exit`` when it is gone (seen by a
   sample or a rescan), and at most one ``error`` per (process, kind) — never one per tick. A
   process that has exited never starts again: a listing taken before a sample saw it gone, and
@@ -23,10 +26,11 @@ Not guaranteed: a process that lives shorter than the rescan period may never be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from memagent.contracts import SAMPLE_CHUNK, Backend, Failure, Gone, Identity, ProcessInfo, Reading
@@ -50,6 +54,42 @@ class Watch:
         return self.selector.config.name
 
 
+class Membership:
+    """Who may touch target membership: any number of ticks read it at once (each between its
+    awaits); a rescan changes it alone, after the ticks in progress, and ticks that start
+    meanwhile wait for it (so a rescan is never starved by a fast ticker)."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writing = False
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writing)
+            self._writing = True  # from now on new readers wait
+            await self._changed.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
 @dataclass
 class Counters:
     ticks: int = 0
@@ -69,7 +109,7 @@ class Scheduler:
         self.maker = pipeline.maker
         self.counters = Counters()
         self._holders: dict[Identity, int] = {}
-        self._lock = asyncio.Lock()
+        self._membership = Membership()
         self._failing: set[str] = set()  # backend operations in a failure episode
         self._listings_begun = 0
         # identity -> how many listings had begun when a sample saw it gone; a listing that
@@ -125,7 +165,7 @@ class Scheduler:
             self._backend_trouble("listing processes", exc)
             return
         self._backend_fine("listing processes")
-        async with self._lock:
+        async with self._membership.changing():
             # seen gone by a sample after this listing began: the listing is stale for them.
             # Gone before it began: no listing from now on can show them again, forget them.
             stale = {i for i, begun in self._gone.items() if begun >= listing}
@@ -153,7 +193,7 @@ class Scheduler:
     async def sample(self, watches: Sequence[Watch]) -> None:
         """Sample every member of ``watches`` once, publishing each chunk's drafts, then end
         the tick (processors add what they derive from it)."""
-        async with self._lock:
+        async with self._membership.reading():
             self.counters.ticks += 1
             ts = iso_utc(time.time())
             for watch in watches:
@@ -170,8 +210,14 @@ class Scheduler:
                         continue
                     self._backend_fine("sampling")
                     drafts: list[Draft] = []
+                    members, name, sample = watch.members, watch.name, self.maker.sample
                     for identity, result in zip(chunk, results, strict=True):
-                        self._emit(watch, identity, result, ts, drafts)
+                        if type(result) is Reading and not result.problems:  # the common case, inline
+                            info = members.get(identity)
+                            if info is not None:
+                                drafts.append(sample(name, info, result, ts))
+                        else:
+                            self._emit(watch, identity, result, ts, drafts)
                     await self.pipeline.publish(drafts)
                     await asyncio.sleep(0)
             await self.pipeline.end_tick(ts, [watch.name for watch in watches])

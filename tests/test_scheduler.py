@@ -256,3 +256,52 @@ async def test_backend_returning_too_few_results_is_reported(caplog: pytest.LogC
         await scheduler.sample(scheduler.watches)
     assert scheduler.counters.backend_failures == 1
     assert "1 results for 2 processes" in caplog.text
+
+
+async def test_a_fast_target_ticks_between_the_chunks_of_a_slow_one() -> None:
+    """A 10 ms target does not wait for a 1 s target's long tick (600 processes, 5 chunks): its
+    whole tick runs while the long one is between chunks (before: one lock made it wait)."""
+    from memagent.contracts import SAMPLE_CHUNK
+
+    many = [proc(1000 + i) for i in range(600)]
+    backend = FakeBackend([*many, proc(10, name="fast")])
+    backend.readings = {p.pid: (PORTABLE, {"shared": 0}) for p in backend.processes}
+    sink = RecordingSink()
+    out = Outlet("rec", sink, queue=100_000, when_full="drop_oldest", batch=100_000, targets=None)
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    slow = Selector(TargetConfig(name="slow", interval=1.0, all=True))
+    fast = Selector(TargetConfig(name="fast", interval=0.01, pid=10))
+    scheduler = Scheduler(backend, [slow, fast], Pipeline(Fanout([out]), maker))
+    await out.start()
+    await scheduler.rescan()
+    slow_watch, fast_watch = scheduler.watches
+    long_tick = asyncio.create_task(scheduler.sample([slow_watch]))
+    await asyncio.sleep(0)  # the long tick samples its first chunk and yields
+    await scheduler.sample([fast_watch])
+    assert not long_tick.done()
+    await long_tick
+    await out.drain(time.monotonic() + 5)
+    order = [r.target for r in sink.records if r.type == "sample"]
+    assert order.index("fast") < len(order) - SAMPLE_CHUNK  # before the long tick's last chunk
+
+
+async def test_a_rescan_waits_for_ticks_in_progress() -> None:
+    """A rescan that drops a process waits until a tick in progress is done with it: the exit
+    comes after that tick's sample, and the backend forgets it only then (a guard for the
+    shared/exclusive membership lock: a forgotten fd reopened by the tick would leak)."""
+    backend = FakeBackend([proc(1000 + i) for i in range(300)])
+    backend.readings = {p.pid: (PORTABLE, {"shared": 0}) for p in backend.processes}
+    scheduler, sink, out = setup(backend)
+    await out.start()
+    await scheduler.rescan()
+    tick = asyncio.create_task(scheduler.sample(scheduler.watches))
+    await asyncio.sleep(0)  # first chunk done, tick in progress
+    gone = backend.processes.pop()  # the next listing misses it; the tick in flight still reads it
+    rescan = asyncio.create_task(scheduler.rescan())
+    await tick
+    assert backend.forgotten == []  # not while the tick could still read it
+    await rescan
+    await finish(out)
+    kinds = [(r.type, r.pid) for r in sink.records if r.pid == gone.pid]
+    assert kinds == [("start", gone.pid), ("sample", gone.pid), ("exit", gone.pid)]
+    assert backend.forgotten == [gone.identity]
