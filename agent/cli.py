@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from importlib import resources
+from importlib import metadata, resources
 
 from memagent.config import Config, default_config_text, load_config, parse_config
 from memagent.errors import ConfigError, MemagentError, PluginLoadError
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="stderr log level; debug also shows tracebacks (default: info)")
     parser = _Parser(prog="memagent", description="Samples process memory and streams JSON records.",
                      parents=[common])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"memagent {version()}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         # --log-level is accepted before or after the command name
@@ -84,13 +85,25 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     agent = build(_load(args.config))
     agent.backend.close()
+    for watch in agent.scheduler.watches:
+        for problem in watch.selector.problems_now():
+            log.warning("%s", problem)
     sinks = ", ".join(f"{o.name} ({type(o.sink).name})" for o in agent.fanout.outlets)
     print(f"{args.config}: ok: {len(agent.config.targets)} targets, sinks: {sinks}, "
           f"backend: {agent.backend.name}")
     return EXIT_OK
 
 
+def version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare source tree)."""
+    try:
+        return metadata.version("memagent")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _plugins(args: argparse.Namespace) -> int:
+    print(f"memagent {version()} (Python {sys.version.split()[0]}, {sys.platform})\n")
     rows = [("NAME", "KIND", "DISTRIBUTION", "VERSION", "LOADS HERE")]
     for kind in ("backend", "sink"):
         for spec in discover(kind):
@@ -133,7 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--log-level" in (argv := list(sys.argv[1:] if argv is None else argv)) and \
         "debug" in argv
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --version and --help print, then exit 0
+            return int(exc.code or 0)
+        if args.command is None:  # `memagent` alone: what it can do, not just an error
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
         level = getattr(args, "log_level", "info")
         logging.basicConfig(level=level.upper(), stream=sys.stderr,
                             format="memagent %(levelname)s: %(message)s", force=True)

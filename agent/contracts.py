@@ -148,7 +148,8 @@ class Backend(Protocol):
 
     @classmethod
     def available(cls) -> bool:
-        """Whether this backend can run on this machine (cheap; no side effects)."""
+        """Whether this backend can run on this machine (cheap; no side effects). May raise
+        ImportError saying how to install what it lacks (``pip install psutil``)."""
         ...
 
     @classmethod

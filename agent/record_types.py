@@ -370,7 +370,9 @@ AGENT = register(RecordType(
                 },
                 **_counts(rss="the agent's own resident set size now, bytes (where it can be read)",
                           max_rss="the agent's peak resident set size, bytes",
-                          pidfile_problems="pidfile reads that were refused or failed"),
+                          pidfile_problems="pidfile reads that were refused or failed",
+                          targets_unmatched="targets that matched no process for a whole rescan "
+                                            "period (warned once each)"),
                 "backend": {"type": "object", "additionalProperties": COUNT,
                             "description": "the backend's own counters (linux: malformed procfs files)"},
             },

@@ -75,6 +75,8 @@ def load(spec: PluginSpec) -> Any:
     if spec.kind == "backend":
         try:
             ok = bool(plugin.available())
+        except ImportError as exc:  # a missing dependency: its message says how to install it
+            raise PluginLoadError(spec.kind, spec.name, spec.distribution, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - a broken availability check means not runnable
             raise PluginLoadError(spec.kind, spec.name, spec.distribution,
                                   f"availability check failed: {exc}") from exc

@@ -64,6 +64,7 @@ class Agent:
             "records": self.maker.last_seq + 1, "ticks": c.ticks, "ticks_skipped": c.ticks_skipped,
             "rescans": c.rescans, "backend_failures": c.backend_failures,
             "processor_failures": self.scheduler.pipeline.processor_failures,
+            "targets_unmatched": self.scheduler.unmatched,
             "pidfile_problems": sum(w.selector.pidfile_problems for w in self.scheduler.watches),
             **own_memory(), "sinks": self.fanout.stats()}
         if isinstance(self.backend, Counting):

@@ -48,6 +48,7 @@ class Watch:
     selector: Selector
     members: dict[Identity, ProcessInfo] = field(default_factory=dict)
     reported: dict[Identity, set[str]] = field(default_factory=dict)
+    empty_rescans: int = 0  # consecutive rescans that found no process for it
 
     @property
     def name(self) -> str:
@@ -188,7 +189,27 @@ class Scheduler:
                         watch.members[identity] = info
                         self._hold(identity)
                         drafts.append(self.maker.start(watch.name, info, ts))
+                self._note_matches(watch)
             await self.pipeline.publish(drafts)
+
+    @property
+    def unmatched(self) -> int:
+        """Targets that matched nothing for at least a whole rescan period (published in
+        ``agent`` records as ``targets_unmatched``)."""
+        return sum(1 for watch in self.watches if watch.empty_rescans >= 2)
+
+    def _note_matches(self, watch: Watch) -> None:
+        """One warning when a target has matched nothing for a whole rescan period (two rescans
+        in a row), one line when it matches again; never one per rescan."""
+        if watch.members:
+            if watch.empty_rescans >= 2:
+                log.info("target %s matches %d process(es) again", watch.name, len(watch.members))
+            watch.empty_rescans = 0
+            return
+        watch.empty_rescans += 1
+        if watch.empty_rescans == 2:
+            log.warning("target %s matches no process (check its selectors); watching for one",
+                        watch.name)
 
     async def sample(self, watches: Sequence[Watch]) -> None:
         """Sample every member of ``watches`` once, publishing each chunk's drafts, then end

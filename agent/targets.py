@@ -114,6 +114,29 @@ class Selector:
             checks.append(lambda p: p.cgroup is not None and fnmatchcase(p.cgroup, cgroup))
         return checks
 
+    def problems_now(self) -> list[str]:
+        """What ``memagent check`` warns about: a ``pid``, ``pidfile`` or ``user`` that does not
+        exist at this moment (the target may still match later; ``run`` watches for it)."""
+        config, found = self.config, []
+        if config.pid is not None:
+            try:
+                os.kill(config.pid, 0)
+            except ProcessLookupError:
+                found.append(f"pid {config.pid} does not exist now")
+            except PermissionError:
+                pass  # it exists, owned by someone else
+        if config.pidfile is not None:
+            try:
+                read_pidfile(config.pidfile)
+            except PidfileProblem as exc:
+                found.append(f"pidfile {config.pidfile}: {exc}")
+        if config.user is not None and not config.user.isdigit():
+            try:
+                pwd.getpwnam(config.user)
+            except KeyError:
+                found.append(f"user {config.user!r} does not exist")
+        return [f"targets: {config.name}: {problem}; it matches nothing until it does" for problem in found]
+
     def refresh(self) -> None:
         """Re-read what a resolve needs from outside the process listing (the pidfile).
         Blocking but bounded: call it from a worker thread, before listing processes."""

@@ -87,7 +87,7 @@ def test_pick_cgroup_chooses_the_path_that_places_the_process(cgroup_file: str, 
 
 
 def test_fixture_normal_process_reads_statm_times_page_size_and_rollup_in_bytes() -> None:
-    """rss/vms/platform are statm pages × page size; full is smaps_rollup kB × 1024."""
+    """rss/vms/platform are statm pages × page size; full is smaps_rollup kB × 1024; both fds held."""
     backend = fixture_backend()
     [reading] = backend.sample([(1, fixture_started(950))], full=True)
     assert isinstance(reading, Reading)
@@ -95,7 +95,7 @@ def test_fixture_normal_process_reads_statm_times_page_size_and_rollup_in_bytes(
     assert reading.platform == {"shared": 768 * PAGE, "text": 256 * PAGE, "lib": 0,
                                 "data": 1536 * PAGE, "dirty": 0}
     assert reading.full == {"uss": (1024 + 5120) * 1024, "pss": 6144 * 1024, "swap": 512 * 1024}
-    assert reading.problems == () and backend.open_fds == 1
+    assert reading.problems == () and backend.open_fds == 2  # statm and smaps_rollup
 
 
 def test_fixture_smaps_is_summed_only_where_rollup_is_missing() -> None:
@@ -123,7 +123,7 @@ def test_fixture_malformed_files_are_errors_not_crashes() -> None:
     assert isinstance(first, Failure) and (first.kind, first.message) == ("read_error", "statm: malformed")
     assert isinstance(second, Reading) and second.portable == {"rss": 300 * PAGE, "vms": 3000 * PAGE}
     assert second.full is None and second.problems[0][0] == "full_unreadable"
-    assert backend.open_fds == 1  # the failed one's fd was released
+    assert backend.open_fds == 2  # the failed one's fd was released; 500 keeps statm and rollup
 
 
 def test_fixture_dead_and_vanished_processes_are_gone() -> None:

@@ -304,3 +304,23 @@ async def test_a_rescan_waits_for_ticks_in_progress() -> None:
     kinds = [(r.type, r.pid) for r in sink.records if r.pid == gone.pid]
     assert kinds == [("start", gone.pid), ("sample", gone.pid), ("exit", gone.pid)]
     assert backend.forgotten == [gone.identity]
+
+
+async def test_a_target_matching_nothing_is_warned_once_and_once_again_when_it_matches(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No process for a whole rescan period: one warning (not one per rescan) and counted;
+    when a process appears: one line, and no longer counted."""
+    backend = FakeBackend([])
+    scheduler, _, _ = setup(backend, all=False, comm="worker")
+    with caplog.at_level(logging.INFO, logger="memagent.scheduler"):
+        for _ in range(5):
+            await scheduler.rescan()
+        assert scheduler.unmatched == 1
+        backend.processes = [proc(10)]
+        backend.readings = {10: (PORTABLE, {"shared": 0})}
+        await scheduler.rescan()
+        await scheduler.rescan()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "matches no process" in m]) == 1
+    assert len([m for m in messages if "matches 1 process(es) again" in m]) == 1
+    assert scheduler.unmatched == 0

@@ -1,0 +1,206 @@
+"""The peers memagent is measured against, each run as its own process so its CPU is its own.
+
+    python tests/benchmarks/peers.py KIND [--interval S] [--offset S] [--seconds S] [--out FILE]
+
+KIND is one of:
+
+``best-case``
+    The psutil script at its best: a ``psutil.Process`` object kept per process across ticks
+    (name, ppid and start time read once), ``memory_info()`` per process each tick, one JSON
+    line per process with the same fields as memagent's ``sample`` record (orjson, as memagent
+    uses), written to ``--out`` in one write per tick. New processes are found every
+    ``--rescan`` seconds with ``psutil.pids()`` and a set difference, so it discovers new
+    processes as memagent must.
+``process-iter``
+    The usual script: ``psutil.process_iter(['pid', 'name', 'memory_info'])`` each tick, one
+    JSON line per process to ``--out``.
+``pread-floor``
+    The floor: one fd held per ``/proc/<pid>/statm`` (opened once), ``os.pread`` each tick,
+    nothing else (no parsing, no records, no rescans).
+``sleep-loop``, ``asyncio-loop``
+    A timer on the same wall-clock grid as memagent's ticker (slots at multiples of
+    ``--interval``), sleeping with ``time.sleep`` or ``asyncio.sleep``; writes the lateness of
+    every wake-up (seconds) to ``--out`` as JSON when done.
+
+``--interval 0`` runs a tick after the other as fast as possible (throughput). Ticks sit on
+multiples of ``--interval`` shifted by ``--offset``, so peers running side by side at 1 Hz do not
+all wake at once. Each runs until ``--seconds`` have passed or it gets SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import orjson
+import psutil
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ticks(interval: float, offset: float, seconds: float, stopped: Callable[[], bool]) -> Iterator[float]:
+    """Yields the wall-clock time of each tick: on the grid, a missed slot skipped (as
+    memagent's ticker does); back to back when ``interval`` is 0."""
+    end = time.monotonic() + seconds
+    slot = math.floor((time.time() - offset) / interval) + 1 if interval else 0
+    while not stopped() and time.monotonic() < end:
+        if interval:
+            delay = slot * interval + offset - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            slot = max(slot + 1, math.floor((time.time() - offset) / interval) + 1)
+        yield time.time()
+
+
+class BestCase:
+    """memagent's job done with psutil at its best (see the module docstring)."""
+
+    def __init__(self, out: str, rescan: float) -> None:
+        self.out = open(out, "ab", buffering=0)  # noqa: SIM115 - held for the script's life
+        self.rescan_every = rescan
+        self.procs: dict[int, tuple[psutil.Process, dict[str, object]]] = {}
+        self.host = socket.gethostname()
+        self.seq = 0
+        self.next_rescan = 0.0
+
+    def rescan(self) -> None:
+        alive = set(psutil.pids())
+        for pid in self.procs.keys() - alive:
+            del self.procs[pid]
+        for pid in alive - self.procs.keys():
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    fixed = {"target": "all", "pid": pid, "ppid": proc.ppid(), "name": proc.name(),
+                             "started": iso(proc.create_time()), "os": "linux", "backend": "psutil"}
+            except psutil.Error:
+                continue
+            self.procs[pid] = (proc, fixed)
+        self.next_rescan = time.monotonic() + self.rescan_every
+
+    def tick(self, now: float) -> None:
+        if time.monotonic() >= self.next_rescan:
+            self.rescan()
+        ts = iso(now)
+        lines = []
+        for pid, (proc, fixed) in list(self.procs.items()):
+            try:
+                mem = proc.memory_info()
+            except psutil.Error:
+                del self.procs[pid]
+                continue
+            self.seq += 1
+            numbers = mem._asdict()
+            portable = {"rss": numbers.pop("rss"), "vms": numbers.pop("vms")}
+            lines.append(orjson.dumps({"schema": 1, "type": "sample", "seq": self.seq, "run": "psutil",
+                                       "ts": ts, "host": self.host, **fixed, "portable": portable,
+                                       "platform": numbers}))
+        lines.append(b"")
+        self.out.write(b"\n".join(lines))
+
+
+class ProcessIter:
+    """The usual psutil script: ``process_iter`` with the attributes it needs, every tick."""
+
+    def __init__(self, out: str) -> None:
+        self.out = open(out, "ab", buffering=0)  # noqa: SIM115 - held for the script's life
+        self.seq = 0
+
+    def tick(self, now: float) -> None:
+        ts = iso(now)
+        lines = []
+        for proc in psutil.process_iter(["pid", "name", "memory_info"]):
+            mem = proc.info["memory_info"]
+            if mem is None:  # access denied
+                continue
+            self.seq += 1
+            lines.append(orjson.dumps({"type": "sample", "seq": self.seq, "ts": ts, "pid": proc.info["pid"],
+                                       "name": proc.info["name"], "rss": mem.rss, "vms": mem.vms}))
+        lines.append(b"")
+        self.out.write(b"\n".join(lines))
+
+
+class PreadFloor:
+    """One held statm fd per process, ``os.pread`` each tick, nothing else."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                with contextlib.suppress(OSError):  # gone already
+                    self.fds.append(os.open(f"/proc/{name}/statm", os.O_RDONLY | os.O_CLOEXEC))
+
+    def tick(self, now: float) -> None:
+        for fd in self.fds:
+            try:  # noqa: SIM105 - a floor: try/except costs nothing when nothing is raised, suppress() does
+                os.pread(fd, 128, 0)
+            except OSError:
+                pass  # exited: a floor does not even tidy up
+
+
+def lateness(interval: float, seconds: float, use_asyncio: bool) -> list[float]:
+    """Seconds each wake-up came after its slot on the ``interval`` grid."""
+    late: list[float] = []
+    end = time.time() + seconds
+
+    async def run_async() -> None:
+        slot = math.floor(time.time() / interval) + 1
+        while time.time() < end:
+            await asyncio.sleep(max(0.0, slot * interval - time.time()))
+            late.append(time.time() - slot * interval)
+            slot = math.floor(time.time() / interval) + 1
+
+    if use_asyncio:
+        asyncio.run(run_async())
+        return late
+    slot = math.floor(time.time() / interval) + 1
+    while time.time() < end:
+        time.sleep(max(0.0, slot * interval - time.time()))
+        late.append(time.time() - slot * interval)
+        slot = math.floor(time.time() / interval) + 1
+    return late
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["best-case", "process-iter", "pread-floor", "sleep-loop",
+                                         "asyncio-loop"])
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between ticks; 0: flat out")
+    parser.add_argument("--offset", type=float, default=0.0, help="shift of the tick grid, seconds")
+    parser.add_argument("--seconds", type=float, default=3600.0, help="stop after this long")
+    parser.add_argument("--rescan", type=float, default=2.0, help="best-case: seconds between rescans")
+    parser.add_argument("--out", default=os.devnull, help="the file records are written to")
+    args = parser.parse_args(argv)
+    if args.kind in ("sleep-loop", "asyncio-loop"):
+        late = lateness(args.interval, args.seconds, args.kind == "asyncio-loop")
+        with open(args.out, "wb") as out:
+            out.write(orjson.dumps({"lateness": late}))
+        return 0
+    stop: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.append(signum))
+    worker: BestCase | ProcessIter | PreadFloor
+    if args.kind == "best-case":
+        worker = BestCase(args.out, args.rescan)
+    elif args.kind == "process-iter":
+        worker = ProcessIter(args.out)
+    else:
+        worker = PreadFloor()
+    for now in ticks(args.interval, args.offset, args.seconds, lambda: bool(stop)):
+        worker.tick(now)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
