@@ -343,3 +343,43 @@ def test_sink_that_cannot_start_exits_1_with_one_line(write_config: Callable[[st
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert errors[0].startswith("memagent: error: sink websocket: cannot start:") and "in use" in errors[0]
+
+
+def test_version_and_usage() -> None:
+    """--version prints the installed version; no command prints the usage (exit 2); plugins
+    says the version too."""
+    from importlib import metadata
+
+    installed = metadata.version("memagent")
+    version = run_cli("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"memagent {installed}")
+    bare = run_cli()
+    assert bare.returncode == 2 and "usage: memagent" in bare.stderr and "sample-config" in bare.stderr
+    assert run_cli("plugins").stdout.startswith(f"memagent {installed} (Python ")
+
+
+def test_missing_psutil_says_how_to_install_it(write_config: Callable[[str], Path], tmp_path: Path) -> None:
+    """backend = "psutil" where psutil cannot be imported: one line saying pip install psutil."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "psutil.py").write_text("raise ImportError('blocked for this test')\n")
+    config = write_config('[agent]\nbackend = "psutil"\n[[targets]]\nname = "me"\nself = true\n')
+    result = run_cli("check", str(config), env=env_with(PYTHONPATH=str(blocker)))
+    assert result.returncode == 2
+    assert "psutil is not installed (pip install psutil)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_warns_about_selectors_that_match_nothing_now(write_config: Callable[[str], Path]) -> None:
+    """A pid, pidfile or user that does not exist now: check still passes, with one warning each."""
+    config = write_config('[[targets]]\nname = "a"\npid = 4194303\n'
+                          '[[targets]]\nname = "b"\npidfile = "/nonexistent/daemon.pid"\n'
+                          '[[targets]]\nname = "c"\nuser = "no-such-user-memagent"\n'
+                          '[[targets]]\nname = "d"\nself = true\n')
+    result = run_cli("check", str(config))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 3
+    assert "a: pid 4194303 does not exist now" in warnings[0]
+    assert "b: pidfile /nonexistent/daemon.pid" in warnings[1]
+    assert "c: user 'no-such-user-memagent' does not exist" in warnings[2]
