@@ -76,6 +76,8 @@ def _load(path: str | None) -> Config:
 
 def _run(args: argparse.Namespace) -> int:
     agent = build(_load(args.config))
+    if args.config and os.path.isfile(args.config):  # a FIFO (<(...)) cannot be read twice: no reload
+        agent.config_path = args.config
     log.info("run %s: %d targets, sinks %s, backend %s", agent.maker.run, len(agent.config.targets),
              ", ".join(o.name for o in agent.fanout.outlets), agent.backend.name)
     asyncio.run(run_until_signalled(agent, once=args.once, duration=args.duration))

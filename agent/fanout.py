@@ -201,7 +201,7 @@ class Outlet:
             except asyncio.CancelledError:
                 raise
             except SinkClosed as exc:
-                self._close_for_good(len(batch), _describe(exc))
+                self.close_for_good(len(batch), _describe(exc))
                 return
             except SinkRejected as exc:
                 self._reject(batch, _describe(exc))
@@ -240,7 +240,9 @@ class Outlet:
                       "and counted, delivery goes on",
                       self.name, len(batch), batch[0].seq, batch[-1].seq, why)
 
-    def _close_for_good(self, unwritten: int, why: str) -> None:
+    def close_for_good(self, unwritten: int, why: str) -> None:
+        """The sink will never take records again: count ``unwritten`` and what is queued as
+        dropped, drop every later record (counted), say so once."""
         self.closed_reason = why
         lost = unwritten + self._queue.clear()
         self.dropped += lost
@@ -305,6 +307,12 @@ class Fanout:
                         await outlet.put(record)
                     else:
                         outlet.offer(record)
+
+    def replace(self, outlets: Sequence[Outlet]) -> None:
+        """The outlets from now on (a reload): kept ones keep their queues; new ones queue
+        until started; the caller drains the ones left out."""
+        self.outlets = list(outlets)
+        self._blocking = any(o.when_full == "block" for o in self.outlets)
 
     def request_reopen(self) -> None:
         for outlet in self.outlets:

@@ -311,9 +311,14 @@ START = register(RecordType(
 
 EXIT = register(RecordType(
     name="exit",
-    summary="a process is gone (exited, or its pid now names another process)",
-    fields=PROCESS_FIELDS,
+    summary="a process is gone (exited, or its pid now names another process), or no longer "
+            "watched by the target (reason unwatched)",
+    fields={**PROCESS_FIELDS,
+            "reason": {"enum": ["unwatched"],
+                       "description": "absent: the process is gone; unwatched: it lives on, but the "
+                                      "target no longer matches it (its selectors, or a reload)"}},
     required=_PROCESS_REQUIRED,
+    text=lambda record: f"exit ({record['reason']})" if "reason" in record else "exit",
 ))
 
 ERROR = register(RecordType(
@@ -372,7 +377,10 @@ AGENT = register(RecordType(
                           max_rss="the agent's peak resident set size, bytes",
                           pidfile_problems="pidfile reads that were refused or failed",
                           targets_unmatched="targets that matched no process for a whole rescan "
-                                            "period (warned once each)"),
+                                            "period (warned once each)",
+                          reloads="config reloads applied (SIGHUP)",
+                          failed_reloads="config reloads refused (the previous config kept running)",
+                          processor_failures="pipeline processor calls that raised (counted, skipped)"),
                 "backend": {"type": "object", "additionalProperties": COUNT,
                             "description": "the backend's own counters (linux: malformed procfs files)"},
             },

@@ -149,9 +149,13 @@ class RecordMaker:
             body["cgroup"] = info.cgroup
         return self._finish("start", target, info.pid, body, ts)
 
-    def exit(self, target: str, info: ProcessInfo, ts: str) -> Draft:
-        """The process is gone (exited, or its pid now names another process)."""
-        return self._finish("exit", target, info.pid, self._process(target, info), ts)
+    def exit(self, target: str, info: ProcessInfo, ts: str, reason: str | None = None) -> Draft:
+        """The process is gone (exited, or its pid now names another process); with
+        ``reason="unwatched"``, it lives on but the target no longer watches it."""
+        body = self._process(target, info)
+        if reason is not None:
+            body["reason"] = reason
+        return self._finish("exit", target, info.pid, body, ts)
 
     def error(self, target: str, info: ProcessInfo, kind: str, message: str, ts: str) -> Draft:
         """A process could not be read; made once per (process, kind), never per tick."""

@@ -30,11 +30,12 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from memagent.config import TargetConfig
 from memagent.contracts import SAMPLE_CHUNK, Backend, Failure, Gone, Identity, ProcessInfo, Reading
-from memagent.pipeline import Pipeline
+from memagent.pipeline import Pipeline, Processor
 from memagent.records import Draft, iso_utc
 from memagent.targets import Selector
 
@@ -179,10 +180,8 @@ class Scheduler:
                 matched = watch.selector.resolve(p for p in processes if p.identity in alive)
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
-                    if identity not in alive:
-                        drafts.append(self.maker.exit(watch.name, info, ts))
-                    else:
-                        log.debug("target %s no longer matches pid %d", watch.name, info.pid)
+                    gone = identity not in alive
+                    drafts.append(self.maker.exit(watch.name, info, ts, None if gone else "unwatched"))
                     self._release(watch, identity)
                 for identity, info in matched.items():
                     if identity not in watch.members:
@@ -264,6 +263,35 @@ class Scheduler:
         if kind not in kinds:
             kinds.add(kind)
             drafts.append(self.maker.error(watch.name, info, kind, message, ts))
+
+    async def retarget(self, targets: Sequence[TargetConfig], processors: Sequence[Processor],
+                       change: Callable[[], None] = lambda: None) -> None:
+        """Apply a reloaded config's targets (by name: removed ones end their processes with
+        ``exit`` reason ``unwatched``; changed ones keep their processes until the next rescan
+        says otherwise; added ones start empty) and processors, and ``change()`` whatever else
+        must change between two ticks. Waits for ticks in progress; ticks wait for it."""
+        async with self._membership.changing():
+            ts = iso_utc(time.time())
+            current = {watch.name: watch for watch in self.watches}
+            wanted = {config.name for config in targets}
+            drafts: list[Draft] = []
+            for name, watch in current.items():
+                if name not in wanted:
+                    for identity, info in list(watch.members.items()):
+                        drafts.append(self.maker.exit(name, info, ts, "unwatched"))
+                        self._release(watch, identity)
+            watches = []
+            for config in targets:
+                kept = current.get(config.name)
+                if kept is None:
+                    kept = Watch(Selector(config))
+                elif kept.selector.config != config:
+                    kept.selector = Selector(config)
+                watches.append(kept)
+            self.watches = watches
+            self.pipeline.processors = list(processors)
+            change()
+            await self.pipeline.publish(drafts)
 
     async def tick_forever(self, interval: float, watches: Sequence[Watch], stop: asyncio.Event) -> None:
         """Sample ``watches`` on every aligned slot of ``interval`` until ``stop`` is set."""
