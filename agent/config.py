@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from memagent.alerts import AlertRule, parse_rules
 from memagent.errors import ConfigError
 from memagent.options import Options, describe, suggest
 
@@ -74,6 +75,7 @@ class TargetConfig:
     children: bool = False
     full: bool = False
     totals: bool = False
+    alerts: tuple[AlertRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,7 @@ def _target(opts: Options, agent: AgentConfig) -> TargetConfig:
         children=opts.boolean("children", False),
         full=opts.boolean("full", False),
         totals=opts.boolean("totals", False),
+        alerts=parse_rules(opts.raw("alerts", None), opts.key("alerts")),
     )
     opts.finish()
     chosen = [s for s in SELECTORS if getattr(target, s) not in (None, False)]

@@ -398,6 +398,31 @@ def _totals_text(record: Mapping[str, Any]) -> str:
     return f"{record['target']} totals processes={record['processes']} " + " ".join(sizes)
 
 
+def _alert_text(record: Mapping[str, Any]) -> str:
+    if "growth_per_hour" in record:
+        measured = f"grows {human_bytes(record['growth_per_hour'])}/h"
+    else:
+        measured = f"rss={human_bytes(record['rss'])}"
+    return f"alert {record['state']}: {record['rule']} ({measured})"
+
+
+ALERT = register(RecordType(
+    name="alert",
+    summary="a target's alert rule started (firing) or stopped (resolved) holding for a process",
+    fields={
+        **PROCESS_FIELDS,
+        "rule": {"type": "string", "description": "the rule as configured, e.g. 'rss > 2GB'"},
+        "state": {"enum": ["firing", "resolved"]},
+        **_counts(rss="the process's rss when the state changed, bytes",
+                  threshold="rss_above rules: the size, bytes"),
+        "growth_per_hour": {"type": "integer", "description": "grows_above rules: the measured "
+                                                              "slope (Theil-Sen), bytes per hour"},
+        "window_s": {"type": "number", "description": "grows_above rules: the window, seconds"},
+    },
+    required=(*_PROCESS_REQUIRED, "rule", "state", "rss"),
+    text=_alert_text,
+))
+
 TOTALS = register(RecordType(
     name="totals",
     summary="one target's memory summed over its processes, once per tick (targets with totals = true)",

@@ -27,10 +27,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memagent.alerts import AlertProcessor
 from memagent.config import Config, SinkConfig
 from memagent.contracts import SinkContext
 from memagent.errors import ConfigError
 from memagent.fanout import Outlet
+from memagent.pipeline import Processor
 from memagent.records import RecordMaker
 from memagent.registry import build_sink
 from memagent.totals import TotalsProcessor
@@ -45,10 +47,17 @@ def build_outlet(config: SinkConfig, hostname: str, run: str) -> Outlet:
                   targets=config.targets, extra=context.counters)
 
 
-def processors_for(config: Config, maker: RecordMaker) -> list[TotalsProcessor]:
-    """The pipeline's processors a config asks for (today: totals for targets with totals = true)."""
+def processors_for(config: Config, maker: RecordMaker) -> list[Processor]:
+    """The pipeline's processors a config asks for: alert rules (first, so they see every
+    sample), then totals for targets with totals = true."""
+    processors: list[Processor] = []
+    rules = {target.name: target.alerts for target in config.targets if target.alerts}
+    if rules:
+        processors.append(AlertProcessor(maker, rules))
     totalled = [target.name for target in config.targets if target.totals]
-    return [TotalsProcessor(maker, totalled)] if totalled else []
+    if totalled:
+        processors.append(TotalsProcessor(maker, totalled))
+    return processors
 
 
 @dataclass
