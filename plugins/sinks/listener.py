@@ -28,8 +28,9 @@ Guarantees:
      no token needed;
   5. the sink's routes, each behind the token unless registered with ``token=False``: 401
      (``rejected_auth``) without it. The token is ``Authorization: Bearer <token>`` or
-     ``?token=<token>``, compared with ``hmac.compare_digest``. A route that raises answers 500,
-     counted in ``server_errors``, logged at most every :data:`BAD_REQUEST_LOG_EVERY` seconds;
+     ``?token=<token>``, compared with ``hmac.compare_digest``. A route that raises (or whose
+     awaitable raises) answers 500, counted in ``server_errors``, logged at most every
+     :data:`BAD_REQUEST_LOG_EVERY` seconds;
   6. the feed's path, when the sink has a feed: the token (401), then ``Feed.full`` (503,
      ``rejected_full``); only then the WebSocket handshake. Every other path gets 404.
 
@@ -46,7 +47,8 @@ Guarantees:
 
 Not guaranteed: any limit on how many connections are open at once (each plain request is answered
 and closed at once; the feed limits its own clients); HEAD, bodies, chunked requests; a route's
-speed: routes run on the event loop and must answer from memory, without blocking.
+speed: routes run on the event loop and must answer from memory, without blocking (a route with
+CPU-heavy work returns an awaitable and does that work off the loop, e.g. ``asyncio.to_thread``).
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ PLAIN_CLOSE_TIMEOUT = 2.0
 _BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nServer: memagent\r\n"
                 b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 12\r\n\r\nBad Request\n")
 
-Handler = Callable[[Request], Response]
+Handler = Callable[[Request], Response | Awaitable[Response]]
 """A plain-HTTP route: the request in, the response out (see :func:`response`). Called on the
-event loop: it must answer from memory, without blocking or awaiting."""
+event loop: it must answer from memory, without blocking. A route whose answer takes CPU time
+(rendering a large body) returns an awaitable instead, awaited before answering, and does that work
+off the loop; the request's ``open_timeout`` (10 s) still bounds it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +266,8 @@ class Listener:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, connection: ServerConnection,
+                         request: Request) -> Response | Awaitable[Response] | None:
         """Answer or refuse a request before the handshake; None only to upgrade it to the feed.
         Never raises (hostile input must not become a 500 and a traceback)."""
         try:
@@ -270,7 +275,8 @@ class Listener:
         except Exception as exc:  # noqa: BLE001 - see the docstring; counted and logged below
             return self._bad_request(connection, f"unexpected {type(exc).__name__}")
 
-    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _answer(self, connection: ServerConnection,
+                request: Request) -> Response | Awaitable[Response] | None:
         for name in SINGLE_HEADERS:
             if len(request.headers.get_all(name)) > 1:
                 return self._bad_request(connection, f"duplicated {name} header")
@@ -304,14 +310,28 @@ class Listener:
     def _authorized(self, request: Request, query: str) -> bool:
         return self._token is None or token_matches(request, query, self._token)
 
-    def _call(self, route: _Route, connection: ServerConnection, request: Request, path: str) -> Response:
+    def _call(self, route: _Route, connection: ServerConnection, request: Request,
+              path: str) -> Response | Awaitable[Response]:
         try:
-            return route.handler(request)
+            answer = route.handler(request)
         except Exception as exc:  # noqa: BLE001 - the sink's bug: a 500, counted and logged
-            self.counters["server_errors"] += 1
-            self._server_errors.warning(f"{self.name}: GET {path} failed (500): {type(exc).__name__}: "
-                                        f"{exc}; {self.counters['server_errors']} in all")
-            return connection.respond(500, "Internal Server Error\n")
+            return self._server_error(connection, path, exc)
+        if isinstance(answer, Response):
+            return answer
+        return self._awaited(answer, connection, path)
+
+    async def _awaited(self, answer: Awaitable[Response], connection: ServerConnection,
+                       path: str) -> Response:
+        try:
+            return await answer
+        except Exception as exc:  # noqa: BLE001 - as in _call
+            return self._server_error(connection, path, exc)
+
+    def _server_error(self, connection: ServerConnection, path: str, exc: Exception) -> Response:
+        self.counters["server_errors"] += 1
+        self._server_errors.warning(f"{self.name}: GET {path} failed (500): {type(exc).__name__}: "
+                                    f"{exc}; {self.counters['server_errors']} in all")
+        return connection.respond(500, "Internal Server Error\n")
 
     def _answer_health(self, request: Request) -> Response:
         return response(200, orjson.dumps({"status": "ok", **self._health()}), "application/json")
