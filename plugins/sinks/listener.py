@@ -135,10 +135,13 @@ class ListenerOptions:
                    origins=frozenset(options.string_list("origins", None) or ()),
                    tls=tls)
 
-    def report_exposure(self, table: str, report: Callable[[str], None], *, serves: str) -> None:
+    def report_exposure(self, table: str, report: Callable[[str], None], *, serves: str,
+                        reveals: str = "every process's command line") -> None:
         """Report (``SECURITY: <table>: ...``) what is unsafe about serving ``serves`` (e.g.
-        "the feed") with these options; see :func:`~.listener_security.exposure_warnings`."""
-        for warning in exposure_warnings(self.host, self.token, self.tls is not None, serves=serves):
+        "the feed", which ``reveals`` command lines) with these options; see
+        :func:`~.listener_security.exposure_warnings`."""
+        for warning in exposure_warnings(self.host, self.token, self.tls is not None, serves=serves,
+                                         reveals=reveals):
             report(f"SECURITY: {table}: {warning}")
 
 

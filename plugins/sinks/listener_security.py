@@ -32,17 +32,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_warnings(host: str, token: str | None, tls: bool, *, serves: str = "the listener") -> list[str]:
+def exposure_warnings(host: str, token: str | None, tls: bool, *, serves: str = "the listener",
+                      reveals: str = "every process's command line") -> list[str]:
     """What is unsafe about serving ``serves`` (e.g. "the feed") on ``host``: nothing on loopback;
-    beyond it, a missing token (anyone who can reach the port reads every command line) and
+    beyond it, a missing token (anyone who can reach the port reads what it ``reveals``) and
     missing TLS (records, and the token, cross the network in clear text)."""
     if is_loopback(host):
         return []
     where = f'host = "{host}" serves {serves} beyond this machine'
     warnings = []
     if not token:
-        warnings.append(f"{where} without a token: anyone who can reach the port reads every "
-                        "process's command line; set token")
+        warnings.append(f"{where} without a token: anyone who can reach the port reads {reveals}; "
+                        "set token")
     if not tls:
         carried = "records and the token" if token else "records"
         warnings.append(f"{where} without TLS: {carried} cross the network in clear text; "

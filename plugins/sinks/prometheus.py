@@ -125,7 +125,8 @@ port = 8766                 # GET /metrics (and /healthz); 0 = any free port (lo
             compat=options.choice("compat", COMPAT, "none"),
         )
         options.finish()
-        listener.report_exposure(options.path, context.log.warning, serves="the metrics")
+        listener.report_exposure(options.path, context.log.warning, serves="the metrics",
+                                 reveals="target and process names and their memory")
         return sink
 
     @property
