@@ -108,7 +108,11 @@ class Reading(NamedTuple):
     the schema (``pfaults``, ``pageins``, ``num_page_faults``). A field the backend cannot provide
     is absent, never faked. ``full`` is None unless full info was asked for and could be read;
     when it was asked for but could not be read, ``problems`` says why as (kind, message) pairs,
-    which the framework reports once per process and kind, like a :class:`Failure`."""
+    which the framework reports once per process and kind, like a :class:`Failure`.
+
+    A backend may return the same Reading (and its dicts) again on a later tick when nothing
+    changed (the Linux backend does, for an unchanged statm): consumers treat it, and the dicts
+    that records embed, as read-only."""
 
     pid: int
     started: float

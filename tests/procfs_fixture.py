@@ -1,10 +1,13 @@
 """Fixture procfs trees for the linux backend: the static one in tests/data/proc, a builder for
-variants (``procfs = <tmp>/proc``), and a way to run a check as an unprivileged user."""
+variants (``procfs = <tmp>/proc``) and changes to them as procfs makes them, a way to run a check
+as an unprivileged user, and a way to make the kernel reuse a pid."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +44,41 @@ def build_procfs(root: Path, processes: list[FakeProc]) -> Path:
     for p in processes:
         d = proc / str(p.pid)
         d.mkdir()
-        # fields after comm: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
-        # utime stime cutime cstime priority nice threads itrealvalue starttime ...
-        rest = [f"{p.ppid}"] + ["0"] * 17 + [str(p.start_ticks)] + ["0"] * 10
-        (d / "stat").write_text(f"{p.pid} ({p.comm}) S {' '.join(rest)}\n")
-        (d / "statm").write_text(" ".join(str(v) for v in p.statm) + "\n")
-        (d / "cmdline").write_text("\0".join(p.cmdline) + ("\0" if p.cmdline else ""))
-        (d / "status").write_text(f"Name:\t{p.comm}\nUid:\t{p.uid}\t{p.uid}\t{p.uid}\t{p.uid}\n")
-        (d / "cgroup").write_text(p.cgroup + "\n")
-        if p.rollup is not None:
-            (d / "smaps_rollup").write_text(p.rollup)
-        if p.smaps is not None:
-            (d / "smaps").write_text(p.smaps)
+        write_process(d, p)
     return proc
+
+
+def write_process(d: Path, p: FakeProc) -> None:
+    """The files of one process directory."""
+    write_stat(d, p)
+    (d / "statm").write_text(" ".join(str(v) for v in p.statm) + "\n")
+    (d / "cmdline").write_text("\0".join(p.cmdline) + ("\0" if p.cmdline else ""))
+    (d / "status").write_text(f"Name:\t{p.comm}\nUid:\t{p.uid}\t{p.uid}\t{p.uid}\t{p.uid}\n")
+    (d / "cgroup").write_text(p.cgroup + "\n")
+    if p.rollup is not None:
+        (d / "smaps_rollup").write_text(p.rollup)
+    if p.smaps is not None:
+        (d / "smaps").write_text(p.smaps)
+
+
+def write_stat(d: Path, p: FakeProc) -> None:
+    """``stat`` rewritten in place, as the kernel changes a live process's (a new ppid)."""
+    # fields after comm: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+    # utime stime cutime cstime priority nice threads itrealvalue starttime ...
+    rest = [f"{p.ppid}"] + ["0"] * 17 + [str(p.start_ticks)] + ["0"] * 10
+    (d / "stat").write_text(f"{p.pid} ({p.comm}) S {' '.join(rest)}\n")
+
+
+def replace_process(proc: Path, p: FakeProc) -> None:
+    """A new directory for ``p.pid``, as procfs shows a new process there (or the same process's
+    entry evicted and recreated): a new inode. The old directory is removed only after the new
+    one took its name, so the filesystem cannot hand the new one the old inode number."""
+    new, old = proc.parent / f"new-{p.pid}", proc.parent / f"old-{p.pid}"
+    new.mkdir()
+    write_process(new, p)
+    (proc / str(p.pid)).rename(old)
+    new.rename(proc / str(p.pid))
+    shutil.rmtree(old)
 
 
 def started(p: FakeProc) -> float:
@@ -99,3 +124,21 @@ def run_as_nobody(work: Callable[[], Any]) -> Any:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged child failed"
     return json.loads(output)
+
+
+def spawn_at_pid(pid: int, argv: list[str], attempts: int = 100) -> subprocess.Popen[bytes] | None:
+    """``argv`` started as process ``pid`` (a free pid), by setting the kernel's last allocated
+    pid (``/proc/sys/kernel/ns_last_pid``, root only) just before each try; None if another
+    process took the pid first every time, or the kernel does not allow it."""
+    for _ in range(attempts):
+        try:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as last_pid:
+                last_pid.write(str(pid - 1))
+        except OSError:
+            return None
+        child = subprocess.Popen(argv)
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    return None

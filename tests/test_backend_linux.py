@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ import pytest
 from memagent.contracts import Failure, Gone, Reading
 from memagent.errors import ConfigError
 from memagent.options import Options
-from memagent.plugins.backends.linux import LinuxBackend, parse_stat, pick_cgroup
+from memagent.plugins.backends import linux
+from memagent.plugins.backends.linux import RESTAT_EVERY, LinuxBackend, parse_stat, pick_cgroup
 
 from cli_helpers import (
     parse_records,
@@ -28,6 +32,7 @@ from cli_helpers import (
     run_cli,
     scaled,
     spawn_allocator,
+    spawn_ready,
     stop_child,
     wait_for,
 )
@@ -37,8 +42,11 @@ from procfs_fixture import (
     build_procfs,
     fixture_started,
     identity_of,
+    replace_process,
     run_as_nobody,
+    spawn_at_pid,
     started,
+    write_stat,
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -203,6 +211,157 @@ def test_procfs_option_is_validated(tmp_path: Path) -> None:
         LinuxBackend.from_options(Options({"max_fds": 3}, "backends.linux"))
 
 
+def test_stat_malformed_after_listing_is_a_failure_not_an_exception(tmp_path: Path) -> None:
+    """A stat turned malformed before statm is opened: a read_error for that process, no exception."""
+    procs = [FakeProc(pid=1), FakeProc(pid=2)]
+    proc = build_procfs(tmp_path, procs)
+    backend = LinuxBackend(str(proc))
+    (proc / "1" / "stat").write_text("1 (x) S\n")
+    first, second = backend.sample([(p.pid, started(p)) for p in procs], full=False)
+    assert isinstance(first, Failure) and first.kind == "read_error" and isinstance(second, Reading)
+    assert backend.open_fds == 1
+
+
+def test_unchanged_statm_gives_the_same_reading_and_a_changed_one_a_new_one(tmp_path: Path) -> None:
+    """Unchanged statm bytes return last tick's Reading; new bytes new numbers; full rereads its fd."""
+    worker = FakeProc(pid=20)
+    proc = build_procfs(tmp_path, [worker])
+    backend = LinuxBackend(str(proc))
+    identity = (20, started(worker))
+    [first] = backend.sample([identity], full=False)
+    [again] = backend.sample([identity], full=False)
+    assert isinstance(first, Reading) and again is first
+    (proc / "20" / "statm").write_text("3000 700 100 10 0 300 0\n")
+    (proc / "20" / "smaps_rollup").write_text("Pss: 7 kB\nPrivate_Dirty: 5 kB\nSwap: 1 kB\n")
+    [changed] = backend.sample([identity], full=True)
+    assert isinstance(changed, Reading) and changed.portable == {"rss": 700 * PAGE, "vms": 3000 * PAGE}
+    assert changed.full == {"uss": 5 * 1024, "pss": 7 * 1024, "swap": 1024}
+    (proc / "20" / "smaps_rollup").write_text("Pss: 9 kB\nPrivate_Dirty: 6 kB\nSwap: 0 kB\n")
+    [full_again] = backend.sample([identity], full=True)
+    assert isinstance(full_again, Reading) and full_again.portable == changed.portable
+    assert full_again.full == {"uss": 6 * 1024, "pss": 9 * 1024, "swap": 0} and backend.open_fds == 2
+
+
+def test_fd_budget_counts_statm_and_rollup_fds_together(tmp_path: Path) -> None:
+    """With max_open_fds = 3 and full, at most 3 fds are held; every process still reads right."""
+    procs = [FakeProc(pid=60 + i, statm=(1000 + i, 100 + i, 0, 0, 0, 0, 0)) for i in range(5)]
+    backend = LinuxBackend(str(build_procfs(tmp_path, procs)), max_open_fds=3)
+    identities = [(p.pid, started(p)) for p in procs]
+    for _ in range(3):
+        results = backend.sample(identities, full=True)
+        assert [(r.portable["rss"], r.full) for r in results if isinstance(r, Reading)] == [
+            ((100 + i) * PAGE, {"uss": 1000 * 1024, "pss": 1500 * 1024, "swap": 64 * 1024}) for i in range(5)]
+        assert backend.open_fds == 3
+    backend.close()
+    assert backend.open_fds == 0
+
+
+# -- incremental listing -------------------------------------------------------------------------
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The procfs files the linux backend reads by path from now on (held fds are not paths)."""
+    paths: list[str] = []
+    real = linux.read_bounded
+
+    def counting(path: str, limit: int) -> tuple[bytes, bool]:
+        paths.append(path)
+        return real(path, limit)
+
+    monkeypatch.setattr(linux, "read_bounded", counting)
+    return paths
+
+
+def test_warm_listing_reads_nothing_for_unchanged_processes(tmp_path: Path, reads: list[str]) -> None:
+    """A rescan of processes whose pid directories are unchanged reads no file at all."""
+    backend = LinuxBackend(str(build_procfs(tmp_path, [FakeProc(pid=10), FakeProc(pid=11, ppid=10)])))
+    reads.clear()
+    cold = backend.list_processes()
+    assert sorted(reads) == sorted(f"{tmp_path}/proc/{pid}/{name}" for pid in (10, 11)
+                                   for name in ("stat", "cmdline", "status", "cgroup"))
+    reads.clear()
+    assert backend.list_processes() == cold and reads == []  # listing 2: neither pid's turn
+
+
+def test_replaced_pid_directory_is_a_new_process(tmp_path: Path) -> None:
+    """A pid directory with a new inode (the pid reused) is read again: the new process is listed."""
+    old = FakeProc(pid=30, start_ticks=900, cmdline=("/usr/bin/old",))
+    proc = build_procfs(tmp_path, [old])
+    backend = LinuxBackend(str(proc))
+    [before] = backend.list_processes()
+    inode = (proc / "30").stat().st_ino
+    new = FakeProc(pid=30, comm="new", start_ticks=950, cmdline=("/usr/bin/new", "-x"))
+    replace_process(proc, new)
+    assert (proc / "30").stat().st_ino != inode
+    [after] = backend.list_processes()
+    assert (after.identity, after.name, after.cmdline) == ((30, started(new)), "new", ("/usr/bin/new", "-x"))
+    assert backend.sample([before.identity, after.identity], full=False)[0] == Gone(*before.identity)
+
+
+def test_recreated_entry_of_the_same_process_keeps_its_details(tmp_path: Path, reads: list[str]) -> None:
+    """A new inode, the same start time (an entry recreated): one stat read, the details are kept."""
+    proc = build_procfs(tmp_path, [FakeProc(pid=30)])
+    backend = LinuxBackend(str(proc))
+    [before] = backend.list_processes()
+    replace_process(proc, FakeProc(pid=30, cmdline=("/usr/bin/other",)))
+    reads.clear()
+    assert backend.list_processes() == [before] and reads == [f"{proc}/30/stat"]
+
+
+@pytest.mark.parametrize("parent_then", ["exited", "replaced"])
+def test_child_whose_parent_exited_is_read_again_for_its_new_ppid(tmp_path: Path, parent_then: str) -> None:
+    """When a parent's directory goes or is replaced, its child is read again: its new ppid shows."""
+    parent, child = FakeProc(pid=10), FakeProc(pid=11, ppid=10, cmdline=("/usr/bin/child",))
+    proc = build_procfs(tmp_path, [parent, child])
+    backend = LinuxBackend(str(proc))
+    assert {p.pid: p.ppid for p in backend.list_processes()} == {10: 1, 11: 10}
+    if parent_then == "exited":
+        shutil.rmtree(proc / "10")
+    else:
+        replace_process(proc, FakeProc(pid=10, start_ticks=990))
+    child.ppid = 1
+    write_stat(proc / "11", child)  # the kernel changes the stat of the same directory
+    listed = {p.pid: p for p in backend.list_processes()}
+    assert listed[11].ppid == 1 and listed[11].cmdline == ("/usr/bin/child",)
+
+
+def test_every_process_is_read_again_within_restat_every_listings(tmp_path: Path) -> None:
+    """A change no inode shows (a zombie parent's child reparented) shows within RESTAT_EVERY listings."""
+    child = FakeProc(pid=11, ppid=10)
+    proc = build_procfs(tmp_path, [FakeProc(pid=10), child])
+    backend = LinuxBackend(str(proc))
+    backend.list_processes()
+    child.ppid = 1
+    write_stat(proc / "11", child)
+    ppids = [{p.pid: p.ppid for p in backend.list_processes()}[11] for _ in range(RESTAT_EVERY)]
+    turn = (11 - 2) % RESTAT_EVERY  # listing number n (from 1) re-reads pids ≡ n mod RESTAT_EVERY
+    assert ppids == [10] * turn + [1] * (RESTAT_EVERY - turn)
+
+
+def test_an_entry_without_a_real_inode_is_always_read(tmp_path: Path, reads: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """procfs reports inode 1 for an entry it could not instantiate: never trusted, read every time."""
+    proc = build_procfs(tmp_path, [FakeProc(pid=10)])
+    real_scandir = os.scandir
+
+    class NoInode:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inode(self) -> int:
+            return 1
+
+    def scandir(path: str) -> contextlib.nullcontext[list[NoInode]]:
+        with real_scandir(path) as entries:
+            return contextlib.nullcontext([NoInode(entry.name) for entry in entries])
+
+    backend = LinuxBackend(str(proc))
+    monkeypatch.setattr(os, "scandir", scandir)
+    for _ in range(3):
+        reads.clear()
+        assert [p.pid for p in backend.list_processes()] == [10] and f"{proc}/10/stat" in reads
+
+
 # -- real processes ---------------------------------------------------------------------------
 
 def test_real_child_matches_ps_statm_and_psutil() -> None:
@@ -280,6 +439,81 @@ def test_full_denied_still_samples_with_a_problem() -> None:
     [[kind, message]] = problems
     assert kind == "full_denied" and message.endswith(
         "smaps_rollup: Permission denied; uss/pss/swap need ptrace access (root, or the process's own user)")
+
+
+def stat_start_ticks(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat: the start time, in clock ticks since boot."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def test_real_reused_pid_is_listed_as_the_new_process() -> None:
+    """A pid the kernel really reuses (via ns_last_pid) has a new inode: the new process is listed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to set the kernel's last pid")
+    first = subprocess.Popen(["sleep", "600.1"])
+    backend = LinuxBackend()
+    old = identity_of(backend, first.pid)  # listed (and cached) with its directory's inode
+    assert isinstance(backend.sample([old], full=False)[0], Reading)
+    inode, start = os.stat(f"/proc/{first.pid}").st_ino, stat_start_ticks(first.pid)
+    first.kill()
+    first.wait()
+    ticks = os.sysconf("SC_CLK_TCK")  # a later clock tick, so the start times differ
+    wait_for(lambda: time.clock_gettime(time.CLOCK_BOOTTIME) * ticks > start + 2, interval=0.005)
+    second = spawn_at_pid(first.pid, ["sleep", "600.2"])
+    if second is None:
+        pytest.skip("the kernel did not hand the pid out again")
+    try:
+        assert os.stat(f"/proc/{second.pid}").st_ino != inode  # what the listing relies on
+        new = {p.pid: p for p in backend.list_processes()}[second.pid]
+        results = backend.sample([old, new.identity], full=False)
+    finally:
+        second.kill()
+        second.wait()
+        backend.close()
+    assert new.identity != old and new.cmdline == ("sleep", "600.2")
+    assert results[0] == Gone(*old) and isinstance(results[1], Reading)
+
+
+def test_real_orphan_is_listed_with_its_new_parent() -> None:
+    """A real child whose parent exits and is reaped is listed with its new ppid at the next rescan."""
+    shell = subprocess.Popen(["sh", "-c", "sleep 600.3 >/dev/null & echo $!; read line"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert shell.stdin is not None and shell.stdout is not None
+    orphan = int(shell.stdout.readline())
+    backend = LinuxBackend()
+    try:
+        assert {p.pid: p.ppid for p in backend.list_processes()}[orphan] == shell.pid
+        shell.stdin.close()
+        shell.wait()
+        ppid = {p.pid: p.ppid for p in backend.list_processes()}[orphan]
+        assert ppid != shell.pid and ppid == psutil.Process(orphan).ppid()
+    finally:
+        os.kill(orphan, signal.SIGKILL)  # its new parent reaps it
+
+
+EXEC_CAT = ("import os, sys\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+            "os.execv('/bin/cat', ['cat'])\n")
+
+
+def test_real_exec_reopens_the_held_smaps_rollup() -> None:
+    """After an exec the held smaps_rollup fd fails (ESRCH): it is reopened, the process is not Gone."""
+    child = spawn_ready(EXEC_CAT)
+    assert child.stdin is not None
+    backend = LinuxBackend()
+    try:
+        identity = identity_of(backend, child.pid)
+        [before] = backend.sample([identity], full=True)
+        assert backend.open_fds == 2
+        child.stdin.write("exec\n")
+        child.stdin.flush()
+        wait_for(lambda: Path(f"/proc/{child.pid}/cmdline").read_bytes() == b"cat\0")
+        [after] = backend.sample([identity], full=True)
+    finally:
+        stop_child(child)  # cat ends at the end of its input
+        backend.close()
+    assert isinstance(before, Reading) and before.full is not None
+    assert isinstance(after, Reading) and after.full is not None and after.problems == ()
+    assert after.full["uss"] < before.full["uss"]  # cat's, not the Python interpreter's
 
 
 # -- through the real CLI ------------------------------------------------------------------------

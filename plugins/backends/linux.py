@@ -7,12 +7,32 @@ and tests point it at fixture trees):
   ``lib``, ``data``, ``dirty``, exactly as psutil computes them. One fd per process stays open
   and is re-read with ``os.pread(fd, n, 0)``; a read on a reaped process fails with ESRCH, which
   is how an exit is seen. The fd is opened only after ``<pid>/stat`` confirms the start time of
-  the identity, so a pid reused between listing and sampling is never misattributed.
+  the identity, so a pid reused between listing and sampling is never misattributed. When the
+  bytes read are those of the last sample, that sample's Reading is returned again.
 - ``full = true``: ``<pid>/smaps_rollup`` (``smaps`` where the kernel has no rollup) →
-  ``uss`` (sum of ``Private_*``), ``pss``, ``swap``; kB × 1024. Reading it needs ptrace access
-  (root or the process's user): when denied, the sample still goes out without ``full`` and one
-  ``error`` record says why.
+  ``uss`` (sum of ``Private_*``), ``pss``, ``swap``; kB × 1024. Its fd is held too, opened with
+  the same identity check and re-read from offset 0 each tick. A held ``smaps_rollup`` fd reads
+  the address space it was opened on, so after an ``exec`` it fails with ESRCH although the
+  process lives: it is then reopened once, and only a failing reopen means the process is gone.
+  Reading it needs ptrace access (root or the process's user): when denied, the sample still
+  goes out without ``full`` and one ``error`` record says why. ``smaps`` is opened, summed and
+  closed on every read.
 - Zombies and kernel threads read zeros, as with psutil.
+
+Listing is incremental: a rescan costs a directory listing and a set difference, plus work for
+what changed. ``os.scandir`` gives each ``<pid>`` entry's inode number without a system call of
+its own, and procfs gives every process instance a directory inode of its own (checked on Linux
+6.18: a pid forced to be reused gets a new one). An entry listed with the inode it had last time
+is the same process: its cached :class:`~memagent.contracts.ProcessInfo` is kept, nothing read.
+``<pid>/stat`` (one bounded read) is read for a new entry or a changed inode (pid reused, or the
+entry only evicted and recreated: the start time decides); for each process whose parent's entry
+went or changed (the parent exited: the process was reparented); and for the pids equal to the
+listing's number modulo :data:`RESTAT_EVERY`, so that every process is read again at least once
+in that many listings. That bound covers what an inode cannot show: a parent that exited but is
+not yet reaped (a zombie) keeps its entry, so its children's new ``ppid`` shows when it is reaped
+or within :data:`RESTAT_EVERY` listings. A new process's details (``cmdline``, ``exe``,
+``status``, ``cgroup``) are read once. Fixture trees must follow procfs: a process replaced in a
+test is a new directory (a new inode), not a ``stat`` rewritten in place.
 
 procfs contents are input like any other: every read is bounded in bytes (a command line is
 kept to :data:`~memagent.contracts.CMDLINE_MAX_BYTES`, ``smaps`` is summed as it streams), and a
@@ -23,9 +43,10 @@ a process whose files cannot be parsed is left out of the listing, counted in
 per episode.
 
 Open fds are budgeted: RLIMIT_NOFILE's soft limit is raised as far as the hard limit allows, and
-at most ``max_open_fds`` are kept (default: :func:`default_fd_budget`, the limit less a reserve
-of :data:`FD_RESERVE` for sinks and clients, or half the limit when it is small); past that,
-processes are read with open/read/close — slower, still correct.
+at most ``max_open_fds`` (``statm`` and ``smaps_rollup`` together) are kept (default:
+:func:`default_fd_budget`, the limit less a reserve of :data:`FD_RESERVE` for sinks and clients,
+or half the limit when it is small); past that, processes are read with open/read/close —
+slower, still correct.
 """
 
 from __future__ import annotations
@@ -64,7 +85,16 @@ _STAT_BYTES = 4096  # <pid>/stat: comm is at most 64 bytes, 52 numbers
 _STATUS_BYTES = 4096  # <pid>/status: the Uid line comes within the first ~400 bytes
 _CGROUP_BYTES = 64 * 1024  # <pid>/cgroup: one line per v1 hierarchy, each a path
 _BOOT_STAT_BYTES = 1 << 20  # /proc/stat: one line per cpu before btime; 1 MiB is ~10,000 cpus
-_ROLLUP_BYTES = 64 * 1024  # smaps_rollup: about 20 lines
+_ROLLUP_BYTES = 64 * 1024  # smaps_rollup: about 25 lines, under 1 KiB
+# the d_ino procfs's readdir reports for an entry it could not instantiate (proc_fill_cache):
+# the same for every such entry, so it says nothing about which process is there: such an
+# entry is kept as _UNTRUSTED, which no inode equals
+_UNKNOWN_INODE = 1
+_UNTRUSTED = -1
+#: Each listing re-reads ``<pid>/stat`` of the cached processes whose pid is the listing's number
+#: modulo this: every process at least once in this many listings (about 2 minutes at the default
+#: 2 s rescan), for 1/64 of a ``stat`` read (~0.2 µs) per process and listing.
+RESTAT_EVERY = 64
 
 
 def raise_fd_limit() -> int:
@@ -171,9 +201,25 @@ def read_bounded(path: str, limit: int) -> tuple[bytes, bool]:
     return data[:limit], len(data) > limit
 
 
+def _numeric_order(name: str) -> tuple[int, str]:
+    """Sort key putting pid names in numeric order, as procfs lists them."""
+    return len(name), name
+
+
 def split_cmdline(data: bytes) -> tuple[str, ...]:
     """``/proc/<pid>/cmdline`` bytes (NUL-separated) → arguments; a cut last one is kept."""
     return tuple(a for a in data.decode("utf-8", "replace").split("\0") if a)
+
+
+class _HeldStatm:
+    """A held ``statm`` fd, the bytes it read last and the :class:`Reading` made of them."""
+
+    __slots__ = ("fd", "raw", "reading")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.raw: bytes | None = None
+        self.reading: Reading | None = None
 
 
 class LinuxBackend:
@@ -191,8 +237,16 @@ class LinuxBackend:
         if max_open_fds is None:
             max_open_fds = default_fd_budget(raise_fd_limit())
         self.max_open_fds = max_open_fds
-        self._fds: dict[Identity, int] = {}
-        self._details: dict[Identity, ProcessInfo] = {}
+        # sample()'s state: the held statm and smaps_rollup fds
+        self._statm: dict[Identity, _HeldStatm] = {}
+        self._rollups: dict[Identity, int] = {}
+        # list_processes()'s state (it may run in a thread while sample() runs on the loop), as
+        # of the last listing: each entry's inode (processes and the rest: self, sys, stat...),
+        # each process's info, and the processes by pid % RESTAT_EVERY, all keyed by name
+        self._inodes: dict[str, int] = {}
+        self._known: dict[str, ProcessInfo] = {}
+        self._turns: list[set[str]] = [set() for _ in range(RESTAT_EVERY)]
+        self._listings = 0
         self._users: dict[int, str] = {}
         self.counters = {"malformed": 0}
         self._malformed_episode = False
@@ -280,29 +334,55 @@ class LinuxBackend:
                            exe=exe, user=user, cgroup=self._cgroup(pid), cmdline_truncated=truncated)
 
     def list_processes(self) -> list[ProcessInfo]:
-        processes = []
-        details: dict[Identity, ProcessInfo] = {}
-        malformed: list[str] = []
+        """Every process now, reading only what may have changed (see the module docstring)."""
         with os.scandir(self.procfs) as entries:
-            pids = [int(e.name) for e in entries if e.name.isdigit()]
-        for pid in pids:
+            inodes = {entry.name: entry.inode() for entry in entries}
+        last, known = self._inodes, self._known
+        exited = last.keys() - inodes.keys()
+        for name in exited:
+            self._drop(name)
+        # new pids, reused pids, entries evicted and recreated
+        changed = {name for name, _ in inodes.items() - last.items()}
+        # a process whose parent's entry went or changed (exited, maybe replaced) was reparented
+        parents = {int(name) for name in exited | changed if name.isdigit()}
+        if parents:
+            changed.update(name for name, info in known.items() if info.ppid in parents)
+        self._listings += 1
+        changed |= self._turns[self._listings % RESTAT_EVERY]
+        malformed: list[str] = []
+        for name in sorted(changed, key=_numeric_order):
+            if not name.isdigit():
+                last[name] = inodes[name]  # not a process
+                continue
+            pid = int(name)
             try:
                 identity, comm, ppid = self._identity(pid)
-                info = self._details.get(identity)
-                if info is None:
+                info = known.get(name)
+                if info is not None and info.started == identity[1]:
+                    if info.ppid != ppid:  # reparented (its parent exited)
+                        info = replace(info, ppid=ppid)
+                else:
                     info = self._describe(identity, comm, ppid)
-                elif info.ppid != ppid:  # reparented (its parent exited)
-                    info = replace(info, ppid=ppid)
             except OSError:
-                continue  # vanished while listing, or unreadable: not listed
+                self._drop(name)  # vanished while listing, or unreadable: not listed
+                continue
             except (ValueError, IndexError):
+                self._drop(name)
                 malformed.append(f"{self.procfs}/{pid}/stat")  # not listed, but not silently
                 continue
-            details[identity] = info
-            processes.append(info)
-        self._details = details
+            if name not in known:
+                self._turns[pid % RESTAT_EVERY].add(name)
+            known[name] = info
+            inode = inodes[name]
+            last[name] = _UNTRUSTED if inode == _UNKNOWN_INODE else inode
         self._count_malformed(malformed)
-        return processes
+        return list(known.values())
+
+    def _drop(self, name: str) -> None:
+        """Forget a listing entry: its next listing reads it afresh."""
+        self._inodes.pop(name, None)
+        if self._known.pop(name, None) is not None:
+            self._turns[int(name) % RESTAT_EVERY].discard(name)
 
     def _count_malformed(self, paths: list[str]) -> None:
         """Count unparsable files; one warning per episode (listings in a row that find some)."""
@@ -316,10 +396,10 @@ class LinuxBackend:
 
     # -- sampling --------------------------------------------------------------------------
 
-    def _open_statm(self, identity: Identity) -> int:
-        """An fd on the identity's statm; raises ProcessLookupError if the pid is someone else."""
+    def _open_checked(self, identity: Identity, name: str) -> int:
+        """An fd on the identity's ``name``; raises ProcessLookupError if the pid is someone else."""
         pid = identity[0]
-        fd = os.open(f"{self.procfs}/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"{self.procfs}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if self._identity(pid)[0] != identity:
                 raise ProcessLookupError(errno.ESRCH, "pid reused")
@@ -328,87 +408,125 @@ class LinuxBackend:
             raise
         return fd
 
-    def _statm(self, identity: Identity) -> bytes:
-        fd = self._fds.get(identity)
+    def _may_hold(self) -> bool:
+        return len(self._statm) + len(self._rollups) < self.max_open_fds
+
+    def _read_statm(self, identity: Identity) -> tuple[bytes, _HeldStatm | None]:
+        """statm of a process whose fd is not held: open it (identity checked), read it, and
+        hold the fd if the budget allows (else close it)."""
+        fd = self._open_checked(identity, "statm")
+        if not self._may_hold():
+            try:
+                return os.pread(fd, _STATM_BYTES, 0), None
+            finally:
+                os.close(fd)
+        held = self._statm[identity] = _HeldStatm(fd)
+        return os.pread(fd, _STATM_BYTES, 0), held
+
+    def _full(self, identity: Identity) -> dict[str, int]:
+        """uss/pss/swap from smaps_rollup, or from smaps where this process has no rollup
+        (kernels before 4.14). The fallback is per process, never a global switch."""
+        fd = self._rollups.get(identity)
         if fd is not None:
-            return os.pread(fd, _STATM_BYTES, 0)
-        fd = self._open_statm(identity)
-        if len(self._fds) < self.max_open_fds:
-            self._fds[identity] = fd
-            return os.pread(fd, _STATM_BYTES, 0)
+            try:
+                return parse_rollup(os.pread(fd, _ROLLUP_BYTES, 0))
+            except ProcessLookupError:  # exec'd (the fd reads the old address space), or exited
+                del self._rollups[identity]
+                os.close(fd)
         try:
-            return os.pread(fd, _STATM_BYTES, 0)
+            fd = self._open_checked(identity, "smaps_rollup")
+        except FileNotFoundError:
+            if not os.path.isdir(f"{self.procfs}/{identity[0]}"):
+                raise
+            return sum_smaps(f"{self.procfs}/{identity[0]}/smaps")
+        if self._may_hold():
+            self._rollups[identity] = fd
+            return parse_rollup(os.pread(fd, _ROLLUP_BYTES, 0))
+        try:
+            return parse_rollup(os.pread(fd, _ROLLUP_BYTES, 0))
         finally:
             os.close(fd)
 
-    def _full(self, pid: int) -> dict[str, int]:
-        """uss/pss/swap from smaps_rollup, or from smaps where this process has no rollup
-        (kernels before 4.14). The fallback is per process, never a global switch."""
-        try:
-            data, _ = read_bounded(f"{self.procfs}/{pid}/smaps_rollup", _ROLLUP_BYTES)
-            return parse_rollup(data)
-        except FileNotFoundError:
-            if not os.path.isdir(f"{self.procfs}/{pid}"):
-                raise
-        return sum_smaps(f"{self.procfs}/{pid}/smaps")
-
     def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
+        """One result per identity. A process whose ``statm`` reads the same bytes as at its
+        last sample gets that sample's :class:`Reading` (with ``full`` read anew when asked for)
+        again: nothing parsed or built, so treat a Reading and its dicts as read-only."""
         results: list[SampleResult] = []
+        append = results.append
+        held_statm = self._statm.get
+        pread = os.pread
         page = self.page_size
         for identity in processes:
-            pid, started = identity
+            held = held_statm(identity)
             try:
-                size, resident, shared, text, lib, data, dirty = map(int, self._statm(identity).split()[:7])
-            except OSError as exc:
-                self.forget(identity)
-                if isinstance(exc, ProcessLookupError) or exc.errno in _GONE_ERRNOS:
-                    results.append(Gone(pid, started))
-                elif isinstance(exc, PermissionError):
-                    results.append(Failure(pid, started, "access_denied", f"statm: {exc.strerror}"))
+                if held is None:
+                    raw, held = self._read_statm(identity)
                 else:
-                    results.append(Failure(pid, started, "read_error", f"statm: {exc.strerror or exc}"))
-                continue
-            except ValueError:
-                self.forget(identity)
-                results.append(Failure(pid, started, "read_error", "statm: malformed"))
-                continue
-            platform = {"shared": shared * page, "text": text * page, "lib": lib * page,
-                        "data": data * page, "dirty": dirty * page}
-            portable = {"rss": resident * page, "vms": size * page}
-            if not full:
-                results.append(Reading(pid, started, portable, platform))
-                continue
-            if size == 0:  # kernel thread or zombie: no address space, smaps fails with ESRCH
-                results.append(Reading(pid, started, portable, platform, {"uss": 0, "pss": 0, "swap": 0}))
-                continue
-            try:
-                results.append(Reading(pid, started, portable, platform, self._full(pid)))
-            except PermissionError as exc:
-                problem = (("full_denied", f"{exc.filename or 'smaps_rollup'}: {exc.strerror}; "
-                            "uss/pss/swap need ptrace access (root, or the process's own user)"),)
-                results.append(Reading(pid, started, portable, platform, None, problem))
+                    raw = pread(held.fd, _STATM_BYTES, 0)
+                    reading = held.reading
+                    if raw == held.raw and reading is not None:  # unchanged (most processes, at rest)
+                        append(self._with_full(identity, reading) if full else reading)
+                        continue
+                size, resident, shared, text, lib, data, dirty = map(int, raw.split()[:7])
             except OSError as exc:
-                if exc.errno in _GONE_ERRNOS:
-                    self.forget(identity)
-                    results.append(Gone(pid, started))
-                else:
-                    problem = (("full_unreadable", f"{exc.filename or 'smaps'}: {exc.strerror or exc}"),)
-                    results.append(Reading(pid, started, portable, platform, None, problem))
-            except (ValueError, IndexError):
-                problem = (("full_unreadable", f"pid {pid}: smaps_rollup/smaps malformed"),)
-                results.append(Reading(pid, started, portable, platform, None, problem))
+                append(self._statm_failure(identity, exc))
+                continue
+            except (ValueError, IndexError):  # statm, or the stat that confirms the identity
+                self.forget(identity)
+                append(Failure(*identity, "read_error", "statm: malformed"))
+                continue
+            pid, started = identity  # Reading(*identity, ...) would cost a tuple and a slower call
+            reading = Reading(pid, started, {"rss": resident * page, "vms": size * page},
+                              {"shared": shared * page, "text": text * page, "lib": lib * page,
+                               "data": data * page, "dirty": dirty * page})
+            if held is not None:
+                held.raw, held.reading = raw, reading
+            append(self._with_full(identity, reading) if full else reading)
         return results
 
+    def _statm_failure(self, identity: Identity, exc: OSError) -> SampleResult:
+        self.forget(identity)
+        if isinstance(exc, ProcessLookupError) or exc.errno in _GONE_ERRNOS:
+            return Gone(*identity)
+        if isinstance(exc, PermissionError):
+            return Failure(*identity, "access_denied", f"statm: {exc.strerror}")
+        return Failure(*identity, "read_error", f"statm: {exc.strerror or exc}")
+
+    def _with_full(self, identity: Identity, reading: Reading) -> SampleResult:
+        """``reading`` (made from statm) with uss/pss/swap added, or a problem saying why not."""
+        pid, started = identity
+        portable, platform = reading.portable, reading.platform
+        if portable["vms"] == 0:  # kernel thread or zombie: no address space, smaps fails with ESRCH
+            return Reading(pid, started, portable, platform, {"uss": 0, "pss": 0, "swap": 0})
+        try:
+            return Reading(pid, started, portable, platform, self._full(identity))
+        except PermissionError as exc:
+            problem = (("full_denied", f"{exc.filename or 'smaps_rollup'}: {exc.strerror}; "
+                        "uss/pss/swap need ptrace access (root, or the process's own user)"),)
+            return Reading(pid, started, portable, platform, None, problem)
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS:
+                self.forget(identity)
+                return Gone(pid, started)
+            problem = (("full_unreadable", f"{exc.filename or 'smaps'}: {exc.strerror or exc}"),)
+            return Reading(pid, started, portable, platform, None, problem)
+        except (ValueError, IndexError):
+            problem = (("full_unreadable", f"pid {pid}: smaps_rollup/smaps malformed"),)
+            return Reading(pid, started, portable, platform, None, problem)
+
     def forget(self, identity: Identity) -> None:
-        fd = self._fds.pop(identity, None)
+        held = self._statm.pop(identity, None)
+        if held is not None:
+            os.close(held.fd)
+        fd = self._rollups.pop(identity, None)
         if fd is not None:
             os.close(fd)
 
     def close(self) -> None:
-        for identity in list(self._fds):
+        for identity in [*self._statm, *self._rollups]:
             self.forget(identity)
 
     @property
     def open_fds(self) -> int:
-        """How many statm fds are held now."""
-        return len(self._fds)
+        """How many fds are held now (statm and smaps_rollup)."""
+        return len(self._statm) + len(self._rollups)
