@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from importlib import metadata, resources
 
 from memagent.config import Config, default_config_text, load_config, parse_config
+from memagent.contracts import Openable
 from memagent.errors import ConfigError, MemagentError, PluginLoadError
 from memagent.record_types import record_schema
 from memagent.registry import discover, load
@@ -76,6 +77,12 @@ def _load(path: str | None) -> Config:
 
 def _run(args: argparse.Namespace) -> int:
     agent = build(_load(args.config))
+    if isinstance(agent.backend, Openable):
+        try:
+            agent.backend.open()  # a procfs that is not there: exit 2 now, not a failure per rescan
+        except BaseException:
+            agent.backend.close()
+            raise
     if args.config and os.path.isfile(args.config):  # a FIFO (<(...)) cannot be read twice: no reload
         agent.config_path = args.config
     log.info("run %s: %d targets, sinks %s, backend %s", agent.maker.run, len(agent.config.targets),
@@ -86,6 +93,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     agent = build(_load(args.config))
+    if isinstance(agent.backend, Openable):
+        try:  # only a warning here: the config may be for another machine (a container's /host/proc)
+            agent.backend.open()
+        except ConfigError as exc:
+            log.warning("%s (memagent run would stop here with this error)", exc)
     agent.backend.close()
     for watch in agent.scheduler.watches:
         for problem in watch.selector.problems_now():

@@ -96,6 +96,17 @@ def cap_cmdline(args: Sequence[str]) -> tuple[tuple[str, ...], bool]:
 
 
 @runtime_checkable
+class Openable(Protocol):
+    """Optional for a backend: what it checks of the machine (a procfs root, say), kept out of
+    ``from_options`` so ``memagent check`` can validate a config for another machine (a
+    container's ``/host/proc``) and only warn. ``memagent run`` calls it before sampling; it
+    raises ConfigError (exit 2) when the machine does not fit."""
+
+    def open(self) -> None:
+        ...
+
+
+@runtime_checkable
 class Counting(Protocol):
     """Optional for a backend: counters of its own (``malformed`` procfs files, say), published
     under ``backend`` in ``agent`` records. Read on the event loop; keep them plain ints."""

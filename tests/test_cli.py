@@ -90,7 +90,9 @@ def test_plugins_lists_builtins_with_distribution() -> None:
     """`memagent plugins` shows each built-in, its kind, distribution and whether it loads."""
     result = run_cli("plugins")
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    lines = result.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("NAME"))) + 1:]
+    rows = {line.split()[0]: line.split() for line in table}
     for name, kind in (("linux", "backend"), ("psutil", "backend"), ("stdout", "sink"),
                        ("file", "sink"), ("websocket", "sink")):
         assert rows[name][1:3] == [kind, "memagent"]
@@ -383,3 +385,29 @@ def test_check_warns_about_selectors_that_match_nothing_now(write_config: Callab
     assert "a: pid 4194303 does not exist now" in warnings[0]
     assert "b: pidfile /nonexistent/daemon.pid" in warnings[1]
     assert "c: user 'no-such-user-memagent' does not exist" in warnings[2]
+
+
+def test_container_example_checks_here_and_run_says_what_is_missing() -> None:
+    """examples/container.toml on a machine without /host/proc: check passes with a warning
+    naming the procfs; run stops at once with exit 2 and that one line."""
+    if Path("/host/proc/stat").exists():
+        pytest.skip("this machine has a /host/proc")
+    example = str(REPO / "examples" / "container.toml")
+    checked = run_cli("check", example)
+    assert checked.returncode == 0, checked.stderr
+    assert 'backends.linux.procfs: "/host/proc" is not a procfs' in checked.stderr
+    ran = run_cli("run", example, "--once")
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines() == [
+        'memagent: error: backends.linux.procfs: "/host/proc" is not a procfs (no /host/proc/stat)']
+
+
+def test_containerfile_runs_the_container_example_as_a_non_root_user() -> None:
+    """The Containerfile (not buildable here: no container engine) installs the package, copies
+    the example it runs and switches to a non-root uid before its entry point."""
+    recipe = (REPO / "examples" / "Containerfile").read_text()
+    lines = [line for line in recipe.splitlines() if line and not line.startswith("#")]
+    assert "COPY examples/container.toml /etc/memagent/container.toml" in lines
+    user = next(line for line in lines if line.startswith("USER "))
+    assert not user.split()[1].startswith("0") and lines.index(user) < lines.index('ENTRYPOINT ["memagent"]')
+    assert lines[-1] == 'CMD ["run", "/etc/memagent/container.toml"]'

@@ -229,14 +229,15 @@ class LinuxBackend:
     os: ClassVar[str] = "linux"
     platform_fields: ClassVar[tuple[str, ...]] = PLATFORM_FIELDS
 
-    def __init__(self, procfs: str = "/proc", max_open_fds: int | None = None) -> None:
+    def __init__(self, procfs: str = "/proc", max_open_fds: int | None = None, *,
+                 open_now: bool = True) -> None:
         self.procfs = procfs.rstrip("/") or "/"
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self.ticks = os.sysconf("SC_CLK_TCK")
-        self.boot_time = self._boot_time()
-        if max_open_fds is None:
-            max_open_fds = default_fd_budget(raise_fd_limit())
-        self.max_open_fds = max_open_fds
+        self.boot_time = 0.0
+        self._fd_budget = max_open_fds
+        self.max_open_fds = max_open_fds or 0
+        self._opened = False
         # sample()'s state: the held statm and smaps_rollup fds
         self._statm: dict[Identity, _HeldStatm] = {}
         self._rollups: dict[Identity, int] = {}
@@ -250,6 +251,23 @@ class LinuxBackend:
         self._users: dict[int, str] = {}
         self.counters = {"malformed": 0}
         self._malformed_episode = False
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Check the procfs root and read its boot time; raise the fd limit. ConfigError (one line
+        naming ``backends.linux.procfs``) if it is not a procfs. Idempotent; listing opens first
+        if nobody did. ``memagent check`` calls it only to warn: a container's config may name a
+        ``/host/proc`` that exists only where it runs."""
+        if self._opened:
+            return
+        if not os.path.isfile(os.path.join(self.procfs, "stat")):
+            raise ConfigError("backends.linux.procfs",
+                              f'"{self.procfs}" is not a procfs (no {self.procfs}/stat)')
+        self.boot_time = self._boot_time()
+        if self._fd_budget is None:
+            self.max_open_fds = default_fd_budget(raise_fd_limit())
+        self._opened = True
 
     @classmethod
     def available(cls) -> bool:
@@ -260,9 +278,7 @@ class LinuxBackend:
         procfs = options.string("procfs", "/proc", nonempty=True)
         max_open_fds = options.integer("max_open_fds", None, minimum=0)
         options.finish()
-        if not os.path.isfile(os.path.join(procfs, "stat")):
-            raise ConfigError(options.key("procfs"), f'"{procfs}" is not a procfs (no {procfs}/stat)')
-        return cls(procfs, max_open_fds)
+        return cls(procfs, max_open_fds, open_now=False)  # no I/O here: see open()
 
     def _boot_time(self) -> float:
         path = f"{self.procfs}/stat"
@@ -335,6 +351,8 @@ class LinuxBackend:
 
     def list_processes(self) -> list[ProcessInfo]:
         """Every process now, reading only what may have changed (see the module docstring)."""
+        if not self._opened:
+            self.open()
         with os.scandir(self.procfs) as entries:
             inodes = {entry.name: entry.inode() for entry in entries}
         last, known = self._inodes, self._known
@@ -451,6 +469,8 @@ class LinuxBackend:
         """One result per identity. A process whose ``statm`` reads the same bytes as at its
         last sample gets that sample's :class:`Reading` (with ``full`` read anew when asked for)
         again: nothing parsed or built, so treat a Reading and its dicts as read-only."""
+        if not self._opened:
+            self.open()
         results: list[SampleResult] = []
         append = results.append
         held_statm = self._statm.get
