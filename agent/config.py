@@ -76,6 +76,10 @@ class TargetConfig:
     full: bool = False
     totals: bool = False
     alerts: tuple[AlertRule, ...] = ()
+    top: int | None = None  # only the N largest by rss are sampled (re-chosen each rescan)
+    min_rss: int | None = None  # only processes at least this large are sampled
+    full_every: int = 1  # full (uss/pss/swap) read every Nth tick of the target
+    full_max_rss: int | None = None  # no full read above this rss (smaps walks the whole map)
 
 
 @dataclass(frozen=True)
@@ -262,8 +266,15 @@ def _target(opts: Options, agent: AgentConfig) -> TargetConfig:
         full=opts.boolean("full", False),
         totals=opts.boolean("totals", False),
         alerts=parse_rules(opts.raw("alerts", None), opts.key("alerts")),
+        top=opts.integer("top", None, minimum=1),
+        min_rss=opts.size("min_rss", None),
+        full_every=opts.integer("full_every", 1, minimum=1),
+        full_max_rss=opts.size("full_max_rss", None),
     )
     opts.finish()
+    for key in ("full_every", "full_max_rss"):
+        if not target.full and getattr(target, key) not in (None, 1):
+            raise ConfigError(opts.key(key), "goes with full = true")
     chosen = [s for s in SELECTORS if getattr(target, s) not in (None, False)]
     if not chosen:
         raise ConfigError(opts.path, "needs a selector: one of " + ", ".join(SELECTORS))

@@ -379,6 +379,8 @@ AGENT = register(RecordType(
                           targets_unmatched="targets that matched no process for a whole rescan "
                                             "period (warned once each)",
                           reloads="config reloads applied (SIGHUP)",
+                          unsampled="processes matched but left out by top / min_rss at the last rescan",
+                          full_skipped="full reads skipped by full_max_rss (each process noted once)",
                           failed_reloads="config reloads refused (the previous config kept running)",
                           processor_failures="pipeline processor calls that raised (counted, skipped)"),
                 "backend": {"type": "object", "additionalProperties": COUNT,

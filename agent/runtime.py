@@ -94,6 +94,7 @@ class Agent:
             "rescans": c.rescans, "backend_failures": c.backend_failures,
             "processor_failures": self.scheduler.pipeline.processor_failures,
             "targets_unmatched": self.scheduler.unmatched,
+            "unsampled": self.scheduler.unsampled, "full_skipped": c.full_skipped,
             "pidfile_problems": sum(w.selector.pidfile_problems for w in self.scheduler.watches),
             "reloads": self.reloads, "failed_reloads": self.failed_reloads,
             **own_memory(), "sinks": self.fanout.stats()}

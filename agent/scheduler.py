@@ -34,10 +34,20 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from memagent.config import TargetConfig
-from memagent.contracts import SAMPLE_CHUNK, Backend, Failure, Gone, Identity, ProcessInfo, Reading
+from memagent.contracts import (
+    SAMPLE_CHUNK,
+    Backend,
+    Failure,
+    Gone,
+    Identity,
+    ProcessInfo,
+    Reading,
+    SampleResult,
+)
 from memagent.pipeline import Pipeline, Processor
 from memagent.records import Draft, iso_utc
 from memagent.targets import Selector
+from memagent.volume import full_now, largest, limits_volume, merged, split_full
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,9 @@ class Watch:
     members: dict[Identity, ProcessInfo] = field(default_factory=dict)
     reported: dict[Identity, set[str]] = field(default_factory=dict)
     empty_rescans: int = 0  # consecutive rescans that found no process for it
+    ticks: int = 0  # ticks of this target (full_every counts them)
+    unsampled: int = 0  # matched at the last rescan but left out by top / min_rss
+    last_rss: dict[Identity, int] = field(default_factory=dict)  # only with full_max_rss
 
     @property
     def name(self) -> str:
@@ -98,6 +111,7 @@ class Counters:
     ticks_skipped: int = 0
     rescans: int = 0
     backend_failures: int = 0
+    full_skipped: int = 0  # full reads skipped by full_max_rss
 
 
 class Scheduler:
@@ -129,11 +143,15 @@ class Scheduler:
     def _release(self, watch: Watch, identity: Identity) -> None:
         watch.members.pop(identity, None)
         watch.reported.pop(identity, None)
+        watch.last_rss.pop(identity, None)
         left = self._holders.get(identity, 0) - 1
         if left > 0:
             self._holders[identity] = left
             return
         self._holders.pop(identity, None)
+        self._forget(identity)
+
+    def _forget(self, identity: Identity) -> None:
         try:
             self.backend.forget(identity)
         except Exception as exc:  # noqa: BLE001 - releasing one process must not stop the agent
@@ -178,6 +196,8 @@ class Scheduler:
             drafts: list[Draft] = []
             for watch in self.watches:
                 matched = watch.selector.resolve(p for p in processes if p.identity in alive)
+                if limits_volume(watch.selector.config):
+                    matched = await self._largest(watch, matched)
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
                     gone = identity not in alive
@@ -190,6 +210,25 @@ class Scheduler:
                         drafts.append(self.maker.start(watch.name, info, ts))
                 self._note_matches(watch)
             await self.pipeline.publish(drafts)
+
+    async def _largest(self, watch: Watch,
+                       matched: dict[Identity, ProcessInfo]) -> dict[Identity, ProcessInfo]:
+        """``top`` / ``min_rss``: the members to be; the rest counted and their fds released."""
+        try:
+            chosen = await largest(self.backend, matched, watch.selector.config)
+        except Exception as exc:  # noqa: BLE001 - see _backend_trouble; keep the members as they are
+            self._backend_trouble("sampling", exc)
+            return {i: matched[i] for i in watch.members if i in matched}
+        watch.unsampled = len(matched) - len(chosen)
+        for identity in matched:
+            if identity not in chosen and identity not in self._holders:
+                self._forget(identity)
+        return chosen
+
+    @property
+    def unsampled(self) -> int:
+        """Processes matched but left out by ``top`` / ``min_rss`` at the last rescan."""
+        return sum(watch.unsampled for watch in self.watches)
 
     @property
     def unmatched(self) -> int:
@@ -217,19 +256,19 @@ class Scheduler:
             self.counters.ticks += 1
             ts = iso_utc(time.time())
             for watch in watches:
-                full = watch.selector.config.full
+                config = watch.selector.config
+                full = full_now(config, watch.ticks)
+                watch.ticks += 1
                 identities = list(watch.members)
                 for start in range(0, len(identities), SAMPLE_CHUNK):
                     chunk = identities[start:start + SAMPLE_CHUNK]
+                    drafts: list[Draft] = []
                     try:
-                        results = self.backend.sample(chunk, full)
-                        if len(results) != len(chunk):
-                            raise ValueError(f"{len(results)} results for {len(chunk)} processes")
+                        results = self._read(watch, chunk, full, ts, drafts)
                     except Exception as exc:  # noqa: BLE001 - see _backend_trouble
                         self._backend_trouble("sampling", exc)
                         continue
                     self._backend_fine("sampling")
-                    drafts: list[Draft] = []
                     members, name, sample = watch.members, watch.name, self.maker.sample
                     for identity, result in zip(chunk, results, strict=True):
                         if type(result) is Reading and not result.problems:  # the common case, inline
@@ -241,6 +280,39 @@ class Scheduler:
                     await self.pipeline.publish(drafts)
                     await asyncio.sleep(0)
             await self.pipeline.end_tick(ts, [watch.name for watch in watches])
+
+    def _read(self, watch: Watch, chunk: list[Identity], full: bool, ts: str,
+              drafts: list[Draft]) -> list[SampleResult]:
+        """The backend's results for ``chunk``, in order; with ``full_max_rss``, the processes
+        too large (or not yet measured) are read without full, counted, and noted once each
+        (a ``full_skipped`` error draft added to ``drafts``)."""
+        config = watch.selector.config
+        if full and config.full_max_rss is not None:
+            light, heavy = split_full(chunk, config, watch.last_rss)
+            results = merged(chunk, [(light, self._checked(light, True)),
+                                     (heavy, self._checked(heavy, False))])
+            self.counters.full_skipped += len(heavy)
+            for identity in heavy:
+                info = watch.members.get(identity)
+                if info is not None and identity in watch.last_rss:
+                    self._report_once(watch, identity, info, "full_skipped",
+                                      f"rss above full_max_rss ({config.full_max_rss} bytes): uss/pss/"
+                                      "swap not read, as reading smaps would stall the process", ts, drafts)
+        else:
+            results = self._checked(chunk, full)
+        if config.full_max_rss is not None:
+            for identity, result in zip(chunk, results, strict=True):
+                if type(result) is Reading:
+                    watch.last_rss[identity] = result.portable["rss"]
+        return results
+
+    def _checked(self, chunk: list[Identity], full: bool) -> list[SampleResult]:
+        if not chunk:
+            return []
+        results = self.backend.sample(chunk, full)
+        if len(results) != len(chunk):
+            raise ValueError(f"{len(results)} results for {len(chunk)} processes")
+        return results
 
     def _emit(self, watch: Watch, identity: Identity, result: object, ts: str, drafts: list[Draft]) -> None:
         info = watch.members.get(identity)
