@@ -79,8 +79,10 @@ def map_full(pfullmem: Any) -> dict[str, int]:
 
 
 def _psutil() -> Any:
-    import psutil
-
+    try:
+        import psutil
+    except ImportError as exc:
+        raise ImportError(f"psutil is not installed (pip install psutil): {exc}") from exc
     return psutil
 
 
@@ -98,10 +100,8 @@ class PsutilBackend:
 
     @classmethod
     def available(cls) -> bool:
-        try:
-            _psutil()
-        except ImportError:
-            return False
+        """True where psutil imports; ImportError saying how to install it where it does not."""
+        _psutil()
         return True
 
     @classmethod
