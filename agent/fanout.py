@@ -124,13 +124,7 @@ class Outlet:
         if self._queue.full and self.when_full == "drop_newest":
             self._count_drop(1, "queue full")
             return
-        if self._dropping and len(self._queue) < self.capacity // 2:
-            self._dropping = False
-            log.info("sink %s: queue has room again; %d records dropped so far", self.name, self.dropped)
-        dropped = self._queue.push(record)
-        if dropped:
-            self._count_drop(dropped, "queue full")
-        self._ready.set()
+        self._queued(self._queue.push(record))
 
     def offer_all(self, records: list[Record]) -> None:
         """:meth:`offer` for a chunk this outlet accepts whole (no ``targets`` filter), at once."""
@@ -138,12 +132,15 @@ class Outlet:
             for record in records:
                 self.offer(record)
             return
-        if self._dropping and len(self._queue) < self.capacity // 2:
-            self._dropping = False
-            log.info("sink %s: queue has room again; %d records dropped so far", self.name, self.dropped)
-        dropped = self._queue.extend(records)
+        self._queued(self._queue.extend(records))
+
+    def _queued(self, dropped: int) -> None:
+        """After queueing: count what the queue dropped to make room; note when it has room again."""
         if dropped:
             self._count_drop(dropped, "queue full")
+        elif self._dropping and len(self._queue) < self.capacity // 2:
+            self._dropping = False
+            log.info("sink %s: queue has room again; %d records dropped so far", self.name, self.dropped)
         self._ready.set()
 
     async def put(self, record: Record) -> None:

@@ -304,17 +304,14 @@ class Encoder:
     def encode(self, batch: Iterable[Record]) -> Encoded:
         """The request for ``batch`` (:class:`~memagent.contracts.Record` objects)."""
         request = ExportMetricsServiceRequest()
-        groups: dict[object, _Group] = {}
+        groups: dict[object, _Group] = {}  # a resource's group is made on first use only
         points = 0
-        key: object
         for record in batch:
             kind, fields = record.type, record.fields
             if kind == "sample":
                 known = self.directory.lookup(fields)
-                key = (fields["target"], fields["pid"], fields["started"])
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = _Group(request, known.resource, self.scope)
+                key: object = (fields["target"], fields["pid"], fields["started"])
+                group = groups.get(key) or groups.setdefault(key, _Group(request, known.resource, self.scope))
                 points += self._sample(group, fields, known.started)
             elif kind == "start":
                 self.directory.start(fields)
@@ -322,15 +319,13 @@ class Encoder:
                 self.directory.exit(fields)
             elif kind == "totals":
                 key = ("host", fields["host"])
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = _Group(request, self._host_resource(fields), self.scope)
+                group = groups.get(key) or groups.setdefault(
+                    key, _Group(request, self._host_resource(fields), self.scope))
                 points += self._totals(group, fields)
             elif kind == "agent":
                 key = ("agent", fields["pid"])
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = _Group(request, self._agent_resource(fields), self.scope)
+                group = groups.get(key) or groups.setdefault(
+                    key, _Group(request, self._agent_resource(fields), self.scope))
                 points += self._agent(group, fields)
         return Encoded(request, points)
 
