@@ -3,6 +3,10 @@
 Per target, optional rules (``[[targets.alerts]]``), evaluated per process on every sample:
 
 - ``rss_above = "2GB"``: holds while the process's rss is above the size;
+- ``rss_above_limit = "90%"``: holds while the process's rss is above that share of its cgroup's
+  limit — the lowest ``memory.max`` of its memory cgroup and their ancestors (``effective_max``
+  in ``cgroup`` records, read this tick before its samples). Never holds for a process whose
+  cgroup has no limit, or whose backend reads no cgroups (it resolves if the limit goes away);
 - ``grows_above = "50MB/h"`` with ``over = "30m"``: holds while the process's rss grows faster than
   the rate, measured as a robust slope (Theil-Sen: the median of the slopes between every pair
   of points) over the last ``over`` of samples — in each half of the window as well as over the
@@ -24,6 +28,7 @@ on the ticks in between.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import deque
@@ -32,21 +37,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from memagent.contracts import MemoryCgroup
 from memagent.errors import ConfigError
 from memagent.options import Options, parse_duration, parse_size
 from memagent.records import Draft, RecordMaker
 
 #: Points a growth window keeps per process (Theil-Sen over 48 points is 1,128 slopes).
 POINTS = 48
+_MAX_CGROUPS = 100_000  # cgroup limits kept for rss_above_limit (each tick's records refresh them)
 _RATE = re.compile(r"^\s*([^/]+?)\s*/\s*(ms|s|m|h|d)\s*$")
 
 
 @dataclass(frozen=True)
 class AlertRule:
-    """One ``[[targets.alerts]]`` table. Exactly one of ``rss_above`` or ``grows_above``."""
+    """One ``[[targets.alerts]]`` table. Exactly one of ``rss_above``, ``rss_above_limit``
+    (a fraction of the cgroup limit) or ``grows_above``."""
 
     text: str  # as written, for the records: 'rss > 2GB', 'rss grows > 50MB/h over 30m'
     rss_above: int | None = None
+    rss_above_limit: float | None = None
     grows_above: float | None = None  # bytes per second
     over: float = 1800.0
 
@@ -59,6 +68,18 @@ def parse_rate(value: object, key: str) -> float:
     return parse_size(match.group(1), key) / parse_duration(f"1{match.group(2)}", key)
 
 
+def parse_share(value: object, key: str) -> float:
+    """A fraction in (0, 1] from ``"90%"`` (a percentage above 0, at most 100)."""
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        percent = float(text[:-1]) if text.endswith("%") else math.nan
+    except ValueError:
+        percent = math.nan
+    if not 0 < percent <= 100:  # NaN fails too
+        raise ConfigError(key, f'must be a percentage of the cgroup limit like "90%", got {value!r}')
+    return percent / 100
+
+
 def parse_rules(raw: Any, key: str) -> tuple[AlertRule, ...]:
     """``targets[N].alerts`` → rules; ConfigError naming the dotted key for anything wrong."""
     if raw is None:
@@ -69,15 +90,19 @@ def parse_rules(raw: Any, key: str) -> tuple[AlertRule, ...]:
     for number, item in enumerate(raw, start=1):
         opts = Options(item, f"{key}[{number}]")
         above = opts.raw("rss_above", None)
+        above_limit = opts.raw("rss_above_limit", None)
         grows = opts.raw("grows_above", None)
         over = opts.duration("over", None)
         opts.finish()
-        if (above is None) == (grows is None):
-            raise ConfigError(opts.path, "needs exactly one of rss_above or grows_above")
+        if [above, above_limit, grows].count(None) != 2:
+            raise ConfigError(opts.path, "needs exactly one of rss_above, rss_above_limit or grows_above")
+        if over is not None and grows is None:
+            raise ConfigError(opts.key("over"), "goes with grows_above only")
         if above is not None:
-            if over is not None:
-                raise ConfigError(opts.key("over"), "goes with grows_above only")
             rules.append(AlertRule(text=f"rss > {above}", rss_above=parse_size(above, opts.key("rss_above"))))
+        elif above_limit is not None:
+            share = parse_share(above_limit, opts.key("rss_above_limit"))
+            rules.append(AlertRule(text=f"rss > {above_limit} of cgroup limit", rss_above_limit=share))
         else:
             window = over if over is not None else 1800.0
             rules.append(AlertRule(text=f"rss grows > {grows} over {_human_duration(window)}",
@@ -119,11 +144,20 @@ class AlertProcessor:
         self.rules = {target: tuple(r) for target, r in rules.items() if r}
         self._firing: set[tuple[str, int, float, int]] = set()  # (target, pid, started, rule index)
         self._tracks: dict[tuple[str, int, float, int], _Track] = {}
+        # rss_above_limit: each cgroup's effective limit, from this tick's cgroup records
+        self._wants_limits = any(r.rss_above_limit is not None for rs in self.rules.values() for r in rs)
+        self._limits: dict[MemoryCgroup, int | None] = {}
 
     def process(self, chunk: list[Draft]) -> list[Draft]:
         """Evaluates every rule on each sample; appends an ``alert`` draft when one changes."""
         made: list[Draft] = []
         for draft in chunk:
+            if draft.type == "cgroup":
+                if self._wants_limits and draft.memory_cgroup is not None:
+                    if len(self._limits) > _MAX_CGROUPS:
+                        self._limits.clear()  # bounded; this tick's records refill it
+                    self._limits[draft.memory_cgroup] = draft.fields.get("effective_max")
+                continue
             rules = self.rules.get(draft.target or "")
             if rules is None:
                 continue
@@ -145,6 +179,12 @@ class AlertProcessor:
         if rule.rss_above is not None:
             holds = rss > rule.rss_above
             details["threshold"] = rule.rss_above
+        elif rule.rss_above_limit is not None:
+            limit = self._limits.get(draft.memory_cgroup) if draft.memory_cgroup is not None else None
+            threshold = int(limit * rule.rss_above_limit) if limit is not None else None
+            holds = threshold is not None and rss > threshold
+            if limit is not None:
+                details.update(threshold=threshold, limit=limit)
         else:
             verdict = self._growth(key, rule, fields["ts"], rss)
             if verdict is None:

@@ -29,7 +29,8 @@ Sink
     the agent reports under the sink's name in ``agent`` records.
 
 Optional capabilities are Protocols too, checked with ``isinstance``: :class:`Reopenable` for a
-sink, :class:`Counting` for a backend. What :func:`memagent.registry.load` requires of a plugin
+sink; :class:`Counting`, :class:`Openable`, :class:`CgroupReading` and :class:`ExitExplaining`
+for a backend. What :func:`memagent.registry.load` requires of a plugin
 class is derived from :class:`Backend` and :class:`Sink` (:func:`protocol_members`).
 """
 
@@ -57,11 +58,45 @@ Identity = tuple[int, float]
 process because its start time differs."""
 
 
+class MemoryCgroup(NamedTuple):
+    """The cgroup that accounts a process's memory: the cgroup ``version`` (1: the v1 ``memory``
+    controller's hierarchy, 2: the unified one) and the ``path`` as ``/proc/<pid>/cgroup`` shows
+    it. Hashable: the key under which a backend reads a cgroup once per tick however many
+    processes it holds."""
+
+    version: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    """What a cgroup path says about the container a process runs in: the ``runtime``
+    (``docker``, ``containerd``, ``cri-o``, ``podman``; None when the path names none, as a
+    Kubernetes cgroupfs-driver path does), the container ``id`` (64 hex digits), and for a
+    Kubernetes pod its ``pod_uid`` and ``qos`` class (``guaranteed``, ``burstable``,
+    ``besteffort``). At least one of ``id`` and ``pod_uid`` is set."""
+
+    runtime: str | None = None
+    id: str | None = None
+    pod_uid: str | None = None
+    qos: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        """The set fields, as a record carries them (``{"runtime": "docker", "id": ...}``)."""
+        return {name: value for name, value in (("runtime", self.runtime), ("id", self.id),
+                                                ("pod_uid", self.pod_uid), ("qos", self.qos))
+                if value is not None}
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessInfo:
     """What a backend knows about one process when listing. Fields a backend cannot know are
     None (``cgroup`` off Linux, ``exe`` when access is denied). ``cmdline`` holds at most
-    :data:`CMDLINE_MAX_BYTES` (see :func:`cap_cmdline`); ``cmdline_truncated`` says it was cut."""
+    :data:`CMDLINE_MAX_BYTES` (see :func:`cap_cmdline`); ``cmdline_truncated`` says it was cut.
+    ``cgroup`` is the path the ``cgroup`` selector matches; ``memory_cgroup`` the cgroup whose
+    memory numbers a :class:`CgroupReading` backend reads for it (None: the root cgroup, none
+    known, or the backend reads no cgroups); ``container`` what its cgroup paths say about its
+    container (None: not in one, as far as they tell)."""
 
     pid: int
     ppid: int
@@ -72,6 +107,8 @@ class ProcessInfo:
     user: str | None = None
     cgroup: str | None = None
     cmdline_truncated: bool = False
+    memory_cgroup: MemoryCgroup | None = None
+    container: Container | None = None
 
     @property
     def identity(self) -> Identity:
@@ -121,6 +158,10 @@ class Reading(NamedTuple):
     when it was asked for but could not be read, ``problems`` says why as (kind, message) pairs,
     which the framework reports once per process and kind, like a :class:`Failure`.
 
+    ``extra`` holds the fields beyond the seed's (``portable``/``platform`` stay exactly those):
+    on Linux ``rss_anon``, ``rss_file``, ``rss_shmem``, ``peak_rss`` (bytes) and ``rss_share``
+    (rss over the machine's total memory, a float in [0, 1]); None when the backend has none.
+
     A backend may return the same Reading (and its dicts) again on a later tick when nothing
     changed (the Linux backend does, for an unchanged statm): consumers treat it, and the dicts
     that records embed, as read-only."""
@@ -131,6 +172,7 @@ class Reading(NamedTuple):
     platform: dict[str, int]
     full: dict[str, int] | None = None
     problems: tuple[tuple[str, str], ...] = ()
+    extra: dict[str, int | float] | None = None
 
 
 class Gone(NamedTuple):
@@ -186,6 +228,40 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release everything (fds, handles)."""
+        ...
+
+
+CgroupStats = dict[str, Any]
+"""One cgroup's memory numbers at one tick, as a ``cgroup`` record carries them (``version``,
+``current``, ``max``, ``effective_max``, ``high``, ``peak``, ``swap``, ``events``): see
+``memagent schema``. Built anew on each read; read-only for consumers."""
+
+
+@runtime_checkable
+class CgroupReading(Protocol):
+    """Optional for a backend: the memory numbers of cgroups. The scheduler calls it once per
+    tick, before sampling, with the distinct :attr:`ProcessInfo.memory_cgroup` of the processes
+    that tick samples (at most :data:`SAMPLE_CHUNK` per call), so a cgroup is read once however
+    many processes share it. Called on the event loop: procfs-like reads only."""
+
+    def read_cgroups(self, cgroups: Sequence[MemoryCgroup]) -> dict[MemoryCgroup, CgroupStats]:
+        """The numbers of each cgroup that could be read (a vanished one is left out); never
+        raises for one cgroup's trouble."""
+        ...
+
+
+#: The ``reason`` values of an ``exit`` record that an :class:`ExitExplaining` backend may give.
+EXIT_REASONS = ("oom_kill",)
+
+
+@runtime_checkable
+class ExitExplaining(Protocol):
+    """Optional for a backend: why a process ended. The framework asks once per gone process
+    and target (the answer for one process must not change between asks), on the event loop."""
+
+    def exit_reason(self, process: ProcessInfo) -> str | None:
+        """One of :data:`EXIT_REASONS` when the backend knows why ``process`` (seen gone) ended
+        (``oom_kill``: the kernel's OOM killer ended it), else None."""
         ...
 
 

@@ -270,6 +270,20 @@ def _platform_names(fields: tuple[str, ...]) -> Schema:
     return {"propertyNames": {"enum": list(fields)} if fields else {"not": {}}}
 
 
+#: What a cgroup path says about a process's container (``start`` and ``cgroup`` records).
+CONTAINER: Final[Schema] = closed_object({
+    "runtime": {"enum": ["docker", "containerd", "cri-o", "podman"],
+                "description": "absent when the path does not name it (Kubernetes' cgroupfs driver)"},
+    "id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "pod_uid": {"type": "string", "description": "Kubernetes: the pod's uid"},
+    "qos": {"enum": ["guaranteed", "burstable", "besteffort"],
+            "description": "Kubernetes: the pod's QoS class"},
+}, description="parsed from the cgroup path: the container (docker, containerd, cri-o, podman) "
+               "and, for a Kubernetes pod, its uid and QoS class", minProperties=1)
+
+_LIMIT: Final[Schema] = {"type": ["integer", "null"], "minimum": 0}
+
+
 SAMPLE = register(RecordType(
     name="sample",
     summary="one process's memory at one tick",
@@ -284,6 +298,15 @@ SAMPLE = register(RecordType(
             description="exactly the psutil memory_info fields of this OS that the backend could "
                         "read; bytes except the counts pfaults, pageins, num_page_faults"),
         "full": closed_object({"uss": COUNT, "pss": COUNT, "swap": COUNT}),
+        "extra": closed_object({
+            "rss_anon": {**COUNT, "description": "anonymous resident memory, bytes (Linux RssAnon)"},
+            "rss_file": {**COUNT, "description": "file-backed resident memory, bytes (Linux RssFile)"},
+            "rss_shmem": {**COUNT, "description": "resident shared memory (shmem, tmpfs), bytes "
+                                                  "(Linux RssShmem)"},
+            "peak_rss": {**COUNT, "description": "the highest rss the process has had, bytes (Linux VmHWM)"},
+            "rss_share": {"type": "number", "minimum": 0, "maximum": 1,
+                          "description": "rss over the machine's total memory (Linux MemTotal)"},
+        }, description="fields beyond portable/platform (Linux); rss_anon + rss_file + rss_shmem = rss"),
     },
     required=(*_PROCESS_REQUIRED, "portable", "platform"),
     text=_sample_text,
@@ -304,6 +327,7 @@ START = register(RecordType(
         "exe": {"type": "string"},
         "user": {"type": "string"},
         "cgroup": {"type": "string", "description": "the cgroup path the cgroup selector matches (Linux)"},
+        "container": CONTAINER,
     },
     required=(*_PROCESS_REQUIRED, "cmdline"),
     text=lambda record: f"start: {' '.join(record.get('cmdline', []))[:120]}",
@@ -314,9 +338,10 @@ EXIT = register(RecordType(
     summary="a process is gone (exited, or its pid now names another process), or no longer "
             "watched by the target (reason unwatched)",
     fields={**PROCESS_FIELDS,
-            "reason": {"enum": ["unwatched"],
+            "reason": {"enum": ["unwatched", "oom_kill"],
                        "description": "absent: the process is gone; unwatched: it lives on, but the "
-                                      "target no longer matches it (its selectors, or a reload)"}},
+                                      "target no longer matches it (its selectors, or a reload); "
+                                      "oom_kill: the kernel's OOM killer ended it (Linux)"}},
     required=_PROCESS_REQUIRED,
     text=lambda record: f"exit ({record['reason']})" if "reason" in record else "exit",
 ))
@@ -416,7 +441,8 @@ ALERT = register(RecordType(
         "rule": {"type": "string", "description": "the rule as configured, e.g. 'rss > 2GB'"},
         "state": {"enum": ["firing", "resolved"]},
         **_counts(rss="the process's rss when the state changed, bytes",
-                  threshold="rss_above rules: the size, bytes"),
+                  threshold="rss_above and rss_above_limit rules: the size, bytes",
+                  limit="rss_above_limit rules: the cgroup's effective limit, bytes"),
         "growth_per_hour": {"type": "integer", "description": "grows_above rules: the measured "
                                                               "slope (Theil-Sen), bytes per hour"},
         "window_s": {"type": "number", "description": "grows_above rules: the window, seconds"},
@@ -439,4 +465,48 @@ TOTALS = register(RecordType(
     },
     required=("os", "backend", "target", "processes", "rss", "vms"),
     text=_totals_text,
+))
+
+
+def _cgroup_text(record: Mapping[str, Any]) -> str:
+    sizes = " ".join(f"{key}={human_bytes(record[key]) if record[key] is not None else 'max'}"
+                     for key in ("current", "effective_max") if key in record)
+    events = record.get("events", {})
+    kills = f" oom_kill={events['oom_kill']}" if "oom_kill" in events else ""
+    return f"cgroup {record['cgroup']} processes={record['processes']} {sizes}{kills}"
+
+
+CGROUP = register(RecordType(
+    name="cgroup",
+    summary="one cgroup's memory at one tick, read once however many watched processes it holds (Linux)",
+    fields={
+        **pick(PROCESS_FIELDS, "os", "backend"),
+        "targets": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                    "uniqueItems": True,
+                    "description": "the targets whose processes in it this tick sampled"},
+        "cgroup": {"type": "string", "description": "its path, as /proc/<pid>/cgroup shows it"},
+        "version": {"enum": [1, 2], "description": "cgroup v1 (the memory controller) or v2"},
+        "processes": {**COUNT, "description": "watched processes in it this tick"},
+        "container": CONTAINER,
+        "current": {**COUNT, "description": "memory charged now, bytes (v2 memory.current, "
+                                            "v1 memory.usage_in_bytes)"},
+        "max": {**_LIMIT, "description": "its limit, bytes; null: none (v2 memory.max, "
+                                         "v1 memory.limit_in_bytes)"},
+        "effective_max": {**_LIMIT, "description": "the lowest limit of it and its ancestors, bytes; "
+                                                   "null: none is limited"},
+        "high": {**_LIMIT, "description": "v2 memory.high (the throttling limit), bytes; null: none"},
+        "peak": {**COUNT, "description": "the highest current so far, bytes (v2 memory.peak, "
+                                         "v1 memory.max_usage_in_bytes)"},
+        "swap": {**COUNT, "description": "v2 memory.swap.current, bytes"},
+        "events": closed_object({
+            "oom": {**COUNT, "description": "v2: times it went out of memory"},
+            "oom_kill": {**COUNT, "description": "processes the OOM killer killed in it (v2 memory.events, "
+                                                 "v1 memory.oom_control)"},
+            "high": {**COUNT, "description": "v2: times it was throttled over memory.high"},
+            "max": {**COUNT, "description": "times a charge hit the limit (v2 memory.events, "
+                                            "v1 memory.failcnt)"},
+        }, description="counters since the cgroup was made"),
+    },
+    required=("os", "backend", "targets", "cgroup", "version", "processes"),
+    text=_cgroup_text,
 ))

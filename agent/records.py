@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from memagent.contracts import ProcessInfo, Reading, Record
+from memagent.contracts import CgroupStats, Container, MemoryCgroup, ProcessInfo, Reading, Record
 from memagent.record_types import record_type
 
 SCHEMA_VERSION = 1
@@ -28,12 +28,15 @@ SCHEMA_VERSION = 1
 @dataclass(slots=True)
 class Draft:
     """A record before its ``seq``: ``fields`` is the whole record, its ``seq`` still 0. A
-    processor may read and change ``fields`` before the pipeline seals it."""
+    processor may read and change ``fields`` before the pipeline seals it. ``memory_cgroup``
+    (never encoded) tells processors which cgroup a ``sample``'s process is in, or which one a
+    ``cgroup`` record is about."""
 
     type: str
     target: str | None
     pid: int | None
     fields: dict[str, Any]
+    memory_cgroup: MemoryCgroup | None = None
 
 
 def iso_utc(epoch: float, digits: int = 6) -> str:
@@ -129,9 +132,11 @@ class RecordMaker:
             "portable": reading.portable, "platform": reading.platform}
         if reading.full is not None:
             fields["full"] = reading.full
+        if reading.extra is not None:
+            fields["extra"] = reading.extra
         if self.tags:
             fields["tags"] = self.tags
-        return Draft("sample", target, info.pid, fields)
+        return Draft("sample", target, info.pid, fields, info.memory_cgroup)
 
     def start(self, target: str, info: ProcessInfo, ts: str) -> Draft:
         """A process matched ``target`` for the first time; carries what identifies it. The
@@ -147,15 +152,32 @@ class RecordMaker:
             body["user"] = info.user
         if info.cgroup is not None:
             body["cgroup"] = info.cgroup
+        if info.container is not None:
+            body["container"] = info.container.fields()
         return self._finish("start", target, info.pid, body, ts)
 
     def exit(self, target: str, info: ProcessInfo, ts: str, reason: str | None = None) -> Draft:
         """The process is gone (exited, or its pid now names another process); with
-        ``reason="unwatched"``, it lives on but the target no longer watches it."""
+        ``reason="unwatched"``, it lives on but the target no longer watches it; with
+        ``"oom_kill"``, the kernel's OOM killer ended it."""
         body = self._process(target, info)
         if reason is not None:
             body["reason"] = reason
         return self._finish("exit", target, info.pid, body, ts)
+
+    def cgroup(self, targets: list[str], cgroup: MemoryCgroup, processes: int, stats: CgroupStats,
+               container: Container | None, ts: str) -> Draft:
+        """One cgroup's memory at one tick (``stats`` from the backend), made once however many
+        watched processes of ``targets`` (sorted) it holds. Routed as a record of its target
+        when it has one, else (several targets) to every sink."""
+        body: dict[str, Any] = {"os": self.os, "backend": self.backend, "targets": targets,
+                                "cgroup": cgroup.path, "processes": processes}
+        if container is not None:
+            body["container"] = container.fields()
+        body.update(stats)
+        draft = self._finish("cgroup", targets[0] if len(targets) == 1 else None, None, body, ts)
+        draft.memory_cgroup = cgroup
+        return draft
 
     def error(self, target: str, info: ProcessInfo, kind: str, message: str, ts: str) -> Draft:
         """A process could not be read; made once per (process, kind), never per tick."""

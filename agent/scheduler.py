@@ -33,10 +33,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from memagent.cgroups import publish_cgroups
 from memagent.config import TargetConfig
 from memagent.contracts import (
     SAMPLE_CHUNK,
     Backend,
+    CgroupReading,
+    ExitExplaining,
     Failure,
     Gone,
     Identity,
@@ -201,7 +204,8 @@ class Scheduler:
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
                     gone = identity not in alive
-                    drafts.append(self.maker.exit(watch.name, info, ts, None if gone else "unwatched"))
+                    drafts.append(self.maker.exit(watch.name, info, ts,
+                                                  self._exit_reason(info) if gone else "unwatched"))
                     self._release(watch, identity)
                 for identity, info in matched.items():
                     if identity not in watch.members:
@@ -255,6 +259,14 @@ class Scheduler:
         async with self._membership.reading():
             self.counters.ticks += 1
             ts = iso_utc(time.time())
+            if isinstance(self.backend, CgroupReading):  # before the samples: see memagent.cgroups
+                try:
+                    watched = [(watch.name, watch.members) for watch in watches]
+                    await publish_cgroups(self.backend, self.pipeline, watched, ts)
+                except Exception as exc:  # noqa: BLE001 - see _backend_trouble
+                    self._backend_trouble("reading cgroups", exc)
+                else:
+                    self._backend_fine("reading cgroups")
             for watch in watches:
                 config = watch.selector.config
                 full = full_now(config, watch.ticks)
@@ -324,10 +336,20 @@ class Scheduler:
             drafts.append(self.maker.sample(watch.name, info, result, ts))
         elif isinstance(result, Gone):
             self._gone[identity] = self._listings_begun
-            drafts.append(self.maker.exit(watch.name, info, ts))
+            drafts.append(self.maker.exit(watch.name, info, ts, self._exit_reason(info)))
             self._release(watch, identity)
         elif isinstance(result, Failure):
             self._report_once(watch, identity, info, result.kind, result.message, ts, drafts)
+
+    def _exit_reason(self, info: ProcessInfo) -> str | None:
+        """Why a gone process ended, if the backend can tell (``oom_kill``), else None."""
+        if not isinstance(self.backend, ExitExplaining):
+            return None
+        try:
+            return self.backend.exit_reason(info)
+        except Exception as exc:  # noqa: BLE001 - see _backend_trouble
+            self._backend_trouble("explaining an exit", exc)
+            return None
 
     def _report_once(self, watch: Watch, identity: Identity, info: ProcessInfo, kind: str,
                      message: str, ts: str, drafts: list[Draft]) -> None:

@@ -134,3 +134,59 @@ fsync = "never"
     assert by_pid[spike.pid][:2] == [("rss > 120MiB", "firing"), ("rss > 120MiB", "resolved")]
     fired = next(a for a in alerts if a["pid"] == leak.pid and a["rule"] == growth_rule)
     assert fired["growth_per_hour"] > 10 * 2**20 * 3600 and fired["window_s"] == 3
+
+
+def test_rss_above_limit_parses_and_bad_shares_name_their_key() -> None:
+    """"90%" is 0.9 of the cgroup limit; a share that is not a percentage in (0, 100] is one
+    error naming the key; it cannot be combined with another kind of rule."""
+    [rule] = parse_rules([{"rss_above_limit": "90%"}], "targets[1].alerts")
+    assert (rule.rss_above_limit, rule.text) == (0.9, "rss > 90% of cgroup limit")
+    for raw, message in (([{"rss_above_limit": "90"}], r"alerts\[1\].rss_above_limit: must be a percentage"),
+                         ([{"rss_above_limit": "0%"}], "must be a percentage"),
+                         ([{"rss_above_limit": "150%"}], "must be a percentage"),
+                         ([{"rss_above_limit": 0.9}], "must be a percentage"),
+                         ([{"rss_above_limit": "90%", "rss_above": "1GB"}], "needs exactly one of"),
+                         ([{"rss_above_limit": "90%", "over": "1m"}], "over: goes with grows_above")):
+        with pytest.raises(ConfigError, match=message):
+            parse_rules(raw, "targets[1].alerts")
+
+
+def test_rss_above_limit_fires_against_the_cgroup_limit_of_this_tick(
+        validate_record: Callable[[dict[str, Any]], None]) -> None:
+    """The rule compares each sample with the effective limit its cgroup's record gave this tick:
+    it fires once above 90% (with the threshold and limit), resolves below, resolves when the
+    limit is lifted; a process in a cgroup without a limit, or in none, never fires."""
+    from memagent.alerts import AlertProcessor
+    from memagent.contracts import MemoryCgroup, ProcessInfo, Reading
+    from memagent.records import RecordMaker
+
+    maker = RecordMaker(host="h", os_name="linux", backend="linux", tags={})
+    processor = AlertProcessor(maker, {"api": parse_rules([{"rss_above_limit": "90%"}], "k")})
+    limited, free = MemoryCgroup(2, "/limited"), MemoryCgroup(1, "/free")
+    infos = [ProcessInfo(pid=pid, ppid=1, name="api", started=1.0, memory_cgroup=cgroup)
+             for pid, cgroup in ((10, limited), (11, free), (12, None))]
+    ts = "2026-11-25T05:00:00.000000Z"
+
+    def tick(limit: int | None, rss: int) -> list[dict[str, Any]]:
+        chunk = [maker.cgroup(["api"], limited, 1, {"version": 2, "current": rss, "max": limit,
+                                                      "effective_max": limit}, None, ts),
+                 maker.cgroup(["api"], free, 1, {"version": 1, "current": rss, "max": None,
+                                                   "effective_max": None}, None, ts)]
+        chunk += [maker.sample("api", info, Reading(info.pid, 1.0, {"rss": rss, "vms": rss}, {}), ts)
+                  for info in infos]
+        made = [d.fields for d in processor.process(chunk) if d.type == "alert"]
+        for alert in made:
+            validate_record({**alert, "seq": 1})
+        return made
+
+    assert tick(1000, 800) == []
+    [fired] = tick(1000, 950)
+    assert (fired["pid"], fired["state"], fired["rss"], fired["threshold"], fired["limit"]) == (
+        10, "firing", 950, 900, 1000)
+    assert fired["rule"] == "rss > 90% of cgroup limit"
+    assert tick(1000, 990) == []  # still holding: no record per tick
+    [resolved] = tick(1000, 100)
+    assert (resolved["pid"], resolved["state"]) == (10, "resolved")
+    assert tick(2000, 1900)[0]["state"] == "firing"
+    [lifted] = tick(None, 1900)  # the limit went away: the rule no longer holds
+    assert (lifted["state"], "limit" in lifted) == ("resolved", False)

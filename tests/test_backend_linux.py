@@ -103,7 +103,7 @@ def test_fixture_normal_process_reads_statm_times_page_size_and_rollup_in_bytes(
     assert reading.platform == {"shared": 768 * PAGE, "text": 256 * PAGE, "lib": 0,
                                 "data": 1536 * PAGE, "dirty": 0}
     assert reading.full == {"uss": (1024 + 5120) * 1024, "pss": 6144 * 1024, "swap": 512 * 1024}
-    assert reading.problems == () and backend.open_fds == 2  # statm and smaps_rollup
+    assert reading.problems == () and backend.open_fds == 3  # statm, status and smaps_rollup
 
 
 def test_fixture_smaps_is_summed_only_where_rollup_is_missing() -> None:
@@ -131,7 +131,7 @@ def test_fixture_malformed_files_are_errors_not_crashes() -> None:
     assert isinstance(first, Failure) and (first.kind, first.message) == ("read_error", "statm: malformed")
     assert isinstance(second, Reading) and second.portable == {"rss": 300 * PAGE, "vms": 3000 * PAGE}
     assert second.full is None and second.problems[0][0] == "full_unreadable"
-    assert backend.open_fds == 2  # the failed one's fd was released; 500 keeps statm and rollup
+    assert backend.open_fds == 3  # the failed one's fd was released; 500 keeps statm, status, rollup
 
 
 def test_fixture_dead_and_vanished_processes_are_gone() -> None:
@@ -221,7 +221,7 @@ def test_stat_malformed_after_listing_is_a_failure_not_an_exception(tmp_path: Pa
     (proc / "1" / "stat").write_text("1 (x) S\n")
     first, second = backend.sample([(p.pid, started(p)) for p in procs], full=False)
     assert isinstance(first, Failure) and first.kind == "read_error" and isinstance(second, Reading)
-    assert backend.open_fds == 1
+    assert backend.open_fds == 2  # the second's statm and status
 
 
 def test_unchanged_statm_gives_the_same_reading_and_a_changed_one_a_new_one(tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ def test_unchanged_statm_gives_the_same_reading_and_a_changed_one_a_new_one(tmp_
     (proc / "20" / "smaps_rollup").write_text("Pss: 9 kB\nPrivate_Dirty: 6 kB\nSwap: 0 kB\n")
     [full_again] = backend.sample([identity], full=True)
     assert isinstance(full_again, Reading) and full_again.portable == changed.portable
-    assert full_again.full == {"uss": 6 * 1024, "pss": 9 * 1024, "swap": 0} and backend.open_fds == 2
+    assert full_again.full == {"uss": 6 * 1024, "pss": 9 * 1024, "swap": 0} and backend.open_fds == 3
 
 
 def test_fd_budget_counts_statm_and_rollup_fds_together(tmp_path: Path) -> None:
@@ -399,7 +399,7 @@ def test_reaped_child_reads_as_gone_through_its_held_fd() -> None:
     backend = LinuxBackend()
     identity = identity_of(backend, child.pid)
     assert isinstance(backend.sample([identity], full=False)[0], Reading)
-    assert backend.open_fds == 1
+    assert backend.open_fds == 2  # statm and status
     stop_child(child)
     assert backend.sample([identity], full=False) == [Gone(*identity)]
     assert backend.open_fds == 0
@@ -505,7 +505,7 @@ def test_real_exec_reopens_the_held_smaps_rollup() -> None:
     try:
         identity = identity_of(backend, child.pid)
         [before] = backend.sample([identity], full=True)
-        assert backend.open_fds == 2
+        assert backend.open_fds == 3  # statm, status (a pid's: it survives an exec), smaps_rollup
         child.stdin.write("exec\n")
         child.stdin.flush()
         wait_for(lambda: Path(f"/proc/{child.pid}/cmdline").read_bytes() == b"cat\0")
@@ -645,3 +645,101 @@ def test_run_reports_malformed_count_in_agent_records(
     final = [r for r in parse_records(result.stdout) if r["type"] == "agent"][-1]
     assert final["agent"]["backend"]["malformed"] >= 2
     assert result.stderr.count("could not be parsed") == 1
+
+
+# -- extra: fields beyond portable/platform (status, meminfo) -------------------------------------
+
+def test_fixture_extra_fields_from_statm_status_and_meminfo() -> None:
+    """pid 1: rss_anon = resident - shared; RssShmem 512 kB, rss_file the rest of shared (the
+    three sum to rss); peak_rss = VmHWM; rss_share = rss / MemTotal. A kernel thread has no
+    status lines: zeros where statm says so, nothing faked."""
+    [nginx, kthread] = fixture_backend().sample([(1, fixture_started(950)), (2, fixture_started(22))],
+                                                full=False)
+    assert isinstance(nginx, Reading) and isinstance(kthread, Reading)
+    rss, shared = 2304 * PAGE, 768 * PAGE
+    assert nginx.extra == {"rss_anon": rss - shared, "rss_file": shared - 512 * 1024, "rss_shmem": 512 * 1024,
+                           "peak_rss": max(12288 * 1024, rss), "rss_share": round(rss / (16384000 * 1024), 6)}
+    assert nginx.extra["rss_anon"] + nginx.extra["rss_file"] + nginx.extra["rss_shmem"] == rss
+    assert kthread.extra == {"rss_anon": 0, "rss_share": 0.0}
+
+
+def test_status_is_read_when_statm_changes_and_every_status_every_samples(tmp_path: Path) -> None:
+    """An unchanged statm reuses its Reading, status unread, for STATUS_EVERY samples; then status
+    is read again and a peak reached in between shows. A changed statm reads status at once."""
+    worker = FakeProc(pid=30, hwm_kb=4000, shmem_kb=40)
+    proc = build_procfs(tmp_path, [worker], mem_total_kb=1 << 20)
+    backend = LinuxBackend(str(proc), cgroupfs="")
+    identity = (30, started(worker))
+    [first] = backend.sample([identity], full=False)
+    assert isinstance(first, Reading) and first.extra is not None and first.extra["peak_rss"] == 4000 * 1024
+    (proc / "30" / "status").write_text((proc / "30" / "status").read_text().replace("4000", "7000"))
+    for _ in range(linux.STATUS_EVERY):
+        [again] = backend.sample([identity], full=False)
+        assert again is first
+    [refreshed] = backend.sample([identity], full=False)
+    assert isinstance(refreshed, Reading) and refreshed.extra is not None
+    assert refreshed.extra["peak_rss"] == 7000 * 1024 and refreshed.portable is first.portable
+    (proc / "30" / "status").write_text((proc / "30" / "status").read_text().replace("7000", "9000"))
+    (proc / "30" / "statm").write_text("3000 700 100 10 0 300 0\n")
+    [changed] = backend.sample([identity], full=False)
+    assert isinstance(changed, Reading) and changed.extra is not None
+    assert changed.extra["peak_rss"] == 9000 * 1024
+    assert backend.open_fds == 2  # statm and status
+
+
+def test_status_false_reads_no_status_and_meminfo_changes_show(tmp_path: Path) -> None:
+    """status = false: only the free fields, one fd. A new MemTotal (memory hotplug, a balloon)
+    rebuilds held Readings for their rss_share."""
+    worker = FakeProc(pid=31, hwm_kb=4000, shmem_kb=40)
+    proc = build_procfs(tmp_path, [worker], mem_total_kb=1 << 20)
+    backend = LinuxBackend.from_options(Options({"procfs": str(proc), "status": False, "cgroupfs": ""},
+                                                "backends.linux"))
+    identity = (31, started(worker))
+    [first] = backend.sample([identity], full=False)
+    assert isinstance(first, Reading) and first.extra == {"rss_anon": 400 * PAGE,
+                                                          "rss_share": round(500 * PAGE / (1 << 30), 6)}
+    assert backend.open_fds == 1
+    (proc / "meminfo").write_text("MemTotal:        2097152 kB\n")
+    backend._mem_total_at = -1.0  # noqa: SLF001 - MemTotal is read at most once a second
+    [second] = backend.sample([identity], full=False)
+    assert isinstance(second, Reading) and second is not first
+    assert second.extra == {"rss_anon": 400 * PAGE, "rss_share": round(500 * PAGE / (2 << 30), 6)}
+
+
+def test_malformed_status_is_counted_once_and_its_fields_left_out(tmp_path: Path) -> None:
+    """A status whose VmHWM is not a number: counted once as malformed, no status fields, the
+    sample still goes out."""
+    worker = FakeProc(pid=32)
+    proc = build_procfs(tmp_path, [worker])
+    (proc / "32" / "status").write_text("Name:\tworker\nVmHWM:\tlots kB\n")
+    backend = LinuxBackend(str(proc), cgroupfs="")
+    for _ in range(2):
+        [reading] = backend.sample([(32, started(worker))], full=False)
+        assert isinstance(reading, Reading) and reading.extra == {"rss_anon": 400 * PAGE}  # no meminfo
+    (proc / "32" / "statm").write_text("3000 700 100 10 0 300 0\n")
+    backend.sample([(32, started(worker))], full=False)
+    assert backend.counters["malformed"] == 1
+
+
+def test_real_child_extra_matches_its_status() -> None:
+    """A 50 MiB child: rss_anon, rss_shmem and peak as its status says (it is idle), the three
+    parts sum to rss, rss_share = rss / MemTotal."""
+    child = spawn_allocator(50)
+    backend = LinuxBackend()
+    try:
+        identity = identity_of(backend, child.pid)
+        [reading] = backend.sample([identity], full=False)
+        lines = Path(f"/proc/{child.pid}/status").read_text().splitlines()
+        status = dict(line.split(":", 1) for line in lines)
+    finally:
+        stop_child(child)
+        backend.close()
+    kb = {key: int(status[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon", "RssFile", "RssShmem")}
+    mem_total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    assert isinstance(reading, Reading) and reading.extra is not None
+    extra, rss = reading.extra, reading.portable["rss"]
+    print(f"\nextra={extra} status={kb}")
+    assert extra["rss_anon"] == kb["RssAnon"] and extra["rss_shmem"] == kb["RssShmem"]
+    assert extra["rss_file"] == kb["RssFile"] and extra["peak_rss"] >= rss >= 50 << 20
+    assert extra["rss_anon"] + extra["rss_file"] + extra["rss_shmem"] == rss
+    assert extra["rss_share"] == round(rss / mem_total, 6)

@@ -17,7 +17,19 @@ and tests point it at fixture trees):
   Reading it needs ptrace access (root or the process's user): when denied, the sample still
   goes out without ``full`` and one ``error`` record says why. ``smaps`` is opened, summed and
   closed on every read.
+- ``extra`` (fields beyond the seed's ``portable``/``platform``, see :class:`Reading`):
+  ``rss_anon`` = statm's resident − shared (the kernel's own definition: shared is file + shmem
+  pages) and ``rss_share`` = rss / ``MemTotal`` (``<procfs>/meminfo``, read at most once a
+  second) cost nothing more; with ``status = true`` (the default) ``<pid>/status`` gives
+  ``peak_rss`` (``VmHWM``, at least the rss read with it) and ``RssShmem`` (``rss_file`` is
+  shared − shmem, so the three parts always sum to ``rss``). ``status`` is read through a held
+  fd in the same pass, only when statm changed (its numbers cannot have moved otherwise, but for
+  a peak between two ticks) and at least every :data:`STATUS_EVERY` samples; a process read
+  without held fds (past the fd budget) has no status fields.
 - Zombies and kernel threads read zeros, as with psutil.
+- cgroups (``cgroupfs``, default ``/sys/fs/cgroup``; ``""`` reads none) and why a process
+  exited (``kmsg``, default ``/dev/kmsg``): :mod:`.linux_cgroups` and :mod:`.linux_oom`. A
+  listed process's ``memory_cgroup`` and ``container`` come from its ``cgroup`` file, read once.
 
 Listing is incremental: a rescan costs a directory listing and a set difference, plus work for
 what changed. ``os.scandir`` gives each ``<pid>`` entry's inode number without a system call of
@@ -58,21 +70,32 @@ import os
 import pwd
 import resource
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import ClassVar
 
 from memagent.contracts import (
     CMDLINE_MAX_BYTES,
+    CgroupStats,
+    Container,
     Failure,
     Gone,
     Identity,
+    MemoryCgroup,
     ProcessInfo,
     Reading,
     SampleResult,
 )
 from memagent.errors import ConfigError
 from memagent.options import Options
+from memagent.plugins.backends.linux_cgroups import (
+    CgroupReader,
+    container_of,
+    controller_paths,
+    memory_cgroup,
+)
+from memagent.plugins.backends.linux_oom import KernelLog, OomWitness, in_initial_pid_namespace
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +109,11 @@ _STATUS_BYTES = 4096  # <pid>/status: the Uid line comes within the first ~400 b
 _CGROUP_BYTES = 64 * 1024  # <pid>/cgroup: one line per v1 hierarchy, each a path
 _BOOT_STAT_BYTES = 1 << 20  # /proc/stat: one line per cpu before btime; 1 MiB is ~10,000 cpus
 _ROLLUP_BYTES = 64 * 1024  # smaps_rollup: about 25 lines, under 1 KiB
+_MEMINFO_BYTES = 16 * 1024  # /proc/meminfo: MemTotal is its first line
+#: An unchanged statm's Reading is reused, but ``<pid>/status`` is read again at least every this
+#: many samples of a process, for a peak (``VmHWM``) reached and left between two ticks: 1/64 of
+#: a status read per process and tick at rest.
+STATUS_EVERY = 64
 # the d_ino procfs's readdir reports for an entry it could not instantiate (proc_fill_cache):
 # the same for every such entry, so it says nothing about which process is there: such an
 # entry is kept as _UNTRUSTED, which no inode equals
@@ -171,12 +199,7 @@ def pick_cgroup(text: str) -> str | None:
     the v1 ``memory`` controller's path, the one that accounts this process's memory; then
     ``name=systemd``'s; then whatever path there is. ``None`` for an empty file.
     """
-    paths: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for controller in parts[1].split(","):
-                paths.setdefault(controller, parts[2])
+    paths = controller_paths(text)
     unified = paths.get("")
     if unified is not None and unified != "/":
         return unified
@@ -201,6 +224,29 @@ def read_bounded(path: str, limit: int) -> tuple[bytes, bool]:
     return data[:limit], len(data) > limit
 
 
+def parse_meminfo(data: bytes) -> int:
+    """``MemTotal`` in bytes from ``/proc/meminfo``; ValueError if it has none or it is no number."""
+    start = data.find(b"MemTotal:")
+    if start < 0:
+        raise ValueError("no MemTotal line")
+    return int(data[start + 9:].split(None, 1)[0]) * 1024
+
+
+def parse_status(data: bytes) -> tuple[int | None, int | None]:
+    """(``VmHWM``, ``RssShmem``) in kB from ``/proc/<pid>/status``; None for a line it lacks
+    (kernel threads have neither; RssShmem came with Linux 4.5). ValueError if one is not a
+    number."""
+    found: list[int | None] = []
+    for key in (b"\nVmHWM:", b"\nRssShmem:"):
+        start = data.find(key)
+        if start < 0:
+            found.append(None)
+            continue
+        end = data.find(b"\n", start + 1)
+        found.append(int(data[start + len(key):end if end > 0 else len(data)].split()[0]))
+    return found[0], found[1]
+
+
 def _numeric_order(name: str) -> tuple[int, str]:
     """Sort key putting pid names in numeric order, as procfs lists them."""
     return len(name), name
@@ -212,14 +258,22 @@ def split_cmdline(data: bytes) -> tuple[str, ...]:
 
 
 class _HeldStatm:
-    """A held ``statm`` fd, the bytes it read last and the :class:`Reading` made of them."""
+    """A held ``statm`` fd, the bytes it read last and the :class:`Reading` made of them; the
+    held ``status`` fd (:data:`_NOT_HELD` until opened, :data:`_UNREADABLE` if it cannot be) and
+    how many samples reused the Reading since status was read."""
 
-    __slots__ = ("fd", "raw", "reading")
+    __slots__ = ("fd", "quiet", "raw", "reading", "status")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.raw: bytes | None = None
         self.reading: Reading | None = None
+        self.status = _NOT_HELD
+        self.quiet = 0
+
+
+_NOT_HELD = -1
+_UNREADABLE = -2
 
 
 class LinuxBackend:
@@ -230,8 +284,16 @@ class LinuxBackend:
     platform_fields: ClassVar[tuple[str, ...]] = PLATFORM_FIELDS
 
     def __init__(self, procfs: str = "/proc", max_open_fds: int | None = None, *,
-                 open_now: bool = True) -> None:
+                 open_now: bool = True, cgroupfs: str = "/sys/fs/cgroup", kmsg: str = "/dev/kmsg",
+                 status: bool = True) -> None:
         self.procfs = procfs.rstrip("/") or "/"
+        self.cgroupfs = cgroupfs
+        self.kmsg = kmsg
+        self.status = status
+        self.cgroups: CgroupReader | None = None
+        self.oom = OomWitness(None, None, 0.0)
+        self._mem_total = 0  # bytes; 0: unknown
+        self._mem_total_at = -1.0
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.boot_time = 0.0
@@ -240,6 +302,7 @@ class LinuxBackend:
         self._opened = False
         # sample()'s state: the held statm and smaps_rollup fds
         self._statm: dict[Identity, _HeldStatm] = {}
+        self._status_fds = 0  # status fds held, in _statm's entries
         self._rollups: dict[Identity, int] = {}
         # list_processes()'s state (it may run in a thread while sample() runs on the loop), as
         # of the last listing: each entry's inode (processes and the rest: self, sys, stat...),
@@ -267,7 +330,30 @@ class LinuxBackend:
         self.boot_time = self._boot_time()
         if self._fd_budget is None:
             self.max_open_fds = default_fd_budget(raise_fd_limit())
+        self._open_insight()
         self._opened = True
+
+    def _open_insight(self) -> None:
+        """The cgroupfs and the kernel log, where there are (neither is required: without them
+        there are no ``cgroup`` records, and OOM kills are seen by fewer witnesses)."""
+        if self.cgroupfs:
+            if os.path.isdir(self.cgroupfs):
+                self.cgroups = CgroupReader(self.cgroupfs, self._may_hold, self.counters)
+            else:
+                log.warning("linux backend: no cgroupfs at %s (backends.linux.cgroupfs): no cgroup "
+                            "records", self.cgroupfs)
+        kernel_log = None
+        if self.kmsg:
+            if not in_initial_pid_namespace(self.procfs):
+                log.info("linux backend: %s is not the initial pid namespace's procfs, whose pids the "
+                         "kernel log uses: OOM kills are read from cgroup counters only", self.procfs)
+            else:
+                try:
+                    kernel_log = KernelLog(self.kmsg, self.counters)
+                except OSError as exc:
+                    log.info("linux backend: cannot read the kernel log %s (%s): OOM kills are read "
+                             "from cgroup counters only", self.kmsg, exc.strerror or exc)
+        self.oom = OomWitness(kernel_log, self.cgroups, self.boot_time)
 
     @classmethod
     def available(cls) -> bool:
@@ -277,8 +363,12 @@ class LinuxBackend:
     def from_options(cls, options: Options) -> LinuxBackend:
         procfs = options.string("procfs", "/proc", nonempty=True)
         max_open_fds = options.integer("max_open_fds", None, minimum=0)
+        cgroupfs = options.string("cgroupfs", "/sys/fs/cgroup")
+        kmsg = options.string("kmsg", "/dev/kmsg")
+        status = options.boolean("status", True)
         options.finish()
-        return cls(procfs, max_open_fds, open_now=False)  # no I/O here: see open()
+        return cls(procfs, max_open_fds, open_now=False,  # no I/O here: see open()
+                   cgroupfs=cgroupfs, kmsg=kmsg, status=status)
 
     def _boot_time(self) -> float:
         path = f"{self.procfs}/stat"
@@ -320,11 +410,15 @@ class LinuxBackend:
                 return self._users[uid]
         return None
 
-    def _cgroup(self, pid: int) -> str | None:
+    def _cgroup(self, pid: int) -> tuple[str | None, MemoryCgroup | None, Container | None]:
+        """From ``<pid>/cgroup``: the selector's path, the memory cgroup, the container."""
         try:
-            return pick_cgroup(self._read(pid, "cgroup", _CGROUP_BYTES))
+            text = self._read(pid, "cgroup", _CGROUP_BYTES)
         except OSError:
-            return None
+            return None, None, None
+        paths = controller_paths(text)
+        memory = memory_cgroup(paths) if self.cgroups is not None else None  # no cgroupfs: not asked
+        return pick_cgroup(text), memory, container_of(paths)
 
     def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
         pid = identity[0]
@@ -346,8 +440,10 @@ class LinuxBackend:
             user = self._user(pid)
         except OSError:
             user = None
+        cgroup, memory, container = self._cgroup(pid)
         return ProcessInfo(pid=pid, ppid=ppid, name=name, started=identity[1], cmdline=cmdline,
-                           exe=exe, user=user, cgroup=self._cgroup(pid), cmdline_truncated=truncated)
+                           exe=exe, user=user, cgroup=cgroup, cmdline_truncated=truncated,
+                           memory_cgroup=memory, container=container)
 
     def list_processes(self) -> list[ProcessInfo]:
         """Every process now, reading only what may have changed (see the module docstring)."""
@@ -427,7 +523,7 @@ class LinuxBackend:
         return fd
 
     def _may_hold(self) -> bool:
-        return len(self._statm) + len(self._rollups) < self.max_open_fds
+        return self.open_fds < self.max_open_fds
 
     def _read_statm(self, identity: Identity) -> tuple[bytes, _HeldStatm | None]:
         """statm of a process whose fd is not held: open it (identity checked), read it, and
@@ -471,6 +567,7 @@ class LinuxBackend:
         again: nothing parsed or built, so treat a Reading and its dicts as read-only."""
         if not self._opened:
             self.open()
+        mem_total = self._each_second()
         results: list[SampleResult] = []
         append = results.append
         held_statm = self._statm.get
@@ -485,6 +582,10 @@ class LinuxBackend:
                     raw = pread(held.fd, _STATM_BYTES, 0)
                     reading = held.reading
                     if raw == held.raw and reading is not None:  # unchanged (most processes, at rest)
+                        if held.quiet < STATUS_EVERY:
+                            held.quiet += 1
+                        else:  # status again, for a peak reached and left between two ticks
+                            reading = self._refreshed(identity, held, reading)
                         append(self._with_full(identity, reading) if full else reading)
                         continue
                 size, resident, shared, text, lib, data, dirty = map(int, raw.split()[:7])
@@ -496,13 +597,85 @@ class LinuxBackend:
                 append(Failure(*identity, "read_error", "statm: malformed"))
                 continue
             pid, started = identity  # Reading(*identity, ...) would cost a tuple and a slower call
-            reading = Reading(pid, started, {"rss": resident * page, "vms": size * page},
+            rss = resident * page
+            extra: dict[str, int | float] = {"rss_anon": (resident - shared) * page}
+            if held is not None and self.status:
+                self._add_status(identity, held, extra, rss, shared * page)
+            if mem_total:
+                extra["rss_share"] = round(rss / mem_total, 6)
+            reading = Reading(pid, started, {"rss": rss, "vms": size * page},
                               {"shared": shared * page, "text": text * page, "lib": lib * page,
-                               "data": data * page, "dirty": dirty * page})
+                               "data": data * page, "dirty": dirty * page}, None, (), extra)
             if held is not None:
                 held.raw, held.reading = raw, reading
             append(self._with_full(identity, reading) if full else reading)
         return results
+
+    def _each_second(self) -> int:
+        """At most once a second: read the kernel log (so it never falls far behind) and
+        ``MemTotal``, which moves with memory hotplug or a balloon driver (then every held
+        Reading is rebuilt, for its ``rss_share``). Returns MemTotal in bytes (0: unknown)."""
+        now = time.monotonic()
+        if now - self._mem_total_at < 1.0:
+            return self._mem_total
+        self._mem_total_at = now
+        self.oom.tick()
+        try:
+            total = parse_meminfo(read_bounded(f"{self.procfs}/meminfo", _MEMINFO_BYTES)[0])
+        except OSError:
+            total = 0
+        except ValueError:
+            total = 0
+            self.counters["malformed"] += 1
+        if total != self._mem_total:
+            self._mem_total = total
+            for held in self._statm.values():
+                held.reading = None
+        return total
+
+    def _add_status(self, identity: Identity, held: _HeldStatm, extra: dict[str, int | float],
+                    rss: int, shared: int) -> None:
+        """``rss_file``, ``rss_shmem`` and ``peak_rss`` from the process's held status fd (opened
+        on first use, within the fd budget), into ``extra``; nothing if it cannot be read."""
+        held.quiet = 0
+        fd = held.status
+        if fd == _UNREADABLE or (fd == _NOT_HELD and not self._may_hold()):
+            return
+        try:
+            if fd == _NOT_HELD:
+                fd = held.status = self._open_checked(identity, "status")
+                self._status_fds += 1
+            peak, shmem = parse_status(os.pread(fd, _STATUS_BYTES, 0))
+        except (OSError, ValueError, IndexError) as exc:
+            if not isinstance(exc, OSError):
+                self.counters["malformed"] += 1  # once: the fd is not read again
+            self._drop_status(held)
+            held.status = _UNREADABLE
+            return
+        if shmem is not None:
+            shmem = min(shmem * 1024, shared)
+            extra["rss_file"] = shared - shmem
+            extra["rss_shmem"] = shmem
+        if peak is not None:
+            extra["peak_rss"] = max(peak * 1024, rss)  # the peak is at least what was just read
+
+    def _refreshed(self, identity: Identity, held: _HeldStatm, reading: Reading) -> Reading:
+        """``reading`` (statm unchanged) with status read again: the same object if nothing moved."""
+        held.quiet = 0
+        if not self.status or held.status == _UNREADABLE or reading.extra is None:
+            return reading
+        extra = dict(reading.extra)
+        self._add_status(identity, held, extra, reading.portable["rss"], reading.platform["shared"])
+        if extra == reading.extra:
+            return reading
+        held.reading = reading = reading._replace(extra=extra)
+        return reading
+
+    def _drop_status(self, held: _HeldStatm) -> None:
+        if held.status >= 0:
+            os.close(held.status)
+            self._status_fds -= 1
+        held.status = _NOT_HELD
 
     def _statm_failure(self, identity: Identity, exc: OSError) -> SampleResult:
         self.forget(identity)
@@ -515,29 +688,30 @@ class LinuxBackend:
     def _with_full(self, identity: Identity, reading: Reading) -> SampleResult:
         """``reading`` (made from statm) with uss/pss/swap added, or a problem saying why not."""
         pid, started = identity
-        portable, platform = reading.portable, reading.platform
+        portable, platform, extra = reading.portable, reading.platform, reading.extra
         if portable["vms"] == 0:  # kernel thread or zombie: no address space, smaps fails with ESRCH
-            return Reading(pid, started, portable, platform, {"uss": 0, "pss": 0, "swap": 0})
+            return Reading(pid, started, portable, platform, {"uss": 0, "pss": 0, "swap": 0}, (), extra)
         try:
-            return Reading(pid, started, portable, platform, self._full(identity))
+            return Reading(pid, started, portable, platform, self._full(identity), (), extra)
         except PermissionError as exc:
             problem = (("full_denied", f"{exc.filename or 'smaps_rollup'}: {exc.strerror}; "
                         "uss/pss/swap need ptrace access (root, or the process's own user)"),)
-            return Reading(pid, started, portable, platform, None, problem)
+            return Reading(pid, started, portable, platform, None, problem, extra)
         except OSError as exc:
             if exc.errno in _GONE_ERRNOS:
                 self.forget(identity)
                 return Gone(pid, started)
             problem = (("full_unreadable", f"{exc.filename or 'smaps'}: {exc.strerror or exc}"),)
-            return Reading(pid, started, portable, platform, None, problem)
+            return Reading(pid, started, portable, platform, None, problem, extra)
         except (ValueError, IndexError):
             problem = (("full_unreadable", f"pid {pid}: smaps_rollup/smaps malformed"),)
-            return Reading(pid, started, portable, platform, None, problem)
+            return Reading(pid, started, portable, platform, None, problem, extra)
 
     def forget(self, identity: Identity) -> None:
         held = self._statm.pop(identity, None)
         if held is not None:
             os.close(held.fd)
+            self._drop_status(held)
         fd = self._rollups.pop(identity, None)
         if fd is not None:
             os.close(fd)
@@ -545,8 +719,24 @@ class LinuxBackend:
     def close(self) -> None:
         for identity in [*self._statm, *self._rollups]:
             self.forget(identity)
+        if self.cgroups is not None:
+            self.cgroups.close()
+        self.oom.close()
 
     @property
     def open_fds(self) -> int:
-        """How many fds are held now (statm and smaps_rollup)."""
-        return len(self._statm) + len(self._rollups)
+        """How many fds are held now (statm, status, smaps_rollup and cgroup files)."""
+        cgroups = self.cgroups.held_fds if self.cgroups is not None else 0
+        return len(self._statm) + self._status_fds + len(self._rollups) + cgroups
+
+    # -- cgroups and exits (optional capabilities: CgroupReading, ExitExplaining) ---------------
+
+    def read_cgroups(self, cgroups: Sequence[MemoryCgroup]) -> dict[MemoryCgroup, CgroupStats]:
+        """Each cgroup's memory numbers (:mod:`.linux_cgroups`); none without a cgroupfs."""
+        if not self._opened:
+            self.open()
+        return self.cgroups.read(cgroups) if self.cgroups is not None else {}
+
+    def exit_reason(self, process: ProcessInfo) -> str | None:
+        """``oom_kill`` when the kernel's OOM killer ended ``process`` (:mod:`.linux_oom`)."""
+        return self.oom.exit_reason(process)
