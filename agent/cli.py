@@ -15,7 +15,14 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata, resources
 
-from memagent.config import Config, default_config_text, load_config, parse_config
+from memagent.config import (
+    Config,
+    default_config_text,
+    is_relay_config,
+    load_config,
+    load_relay_config,
+    parse_config,
+)
 from memagent.contracts import Openable
 from memagent.errors import ConfigError, MemagentError, PluginLoadError
 from memagent.record_types import record_schema
@@ -55,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="stop gracefully after this many seconds")
     check = command("check", "validate a config and the plugins it names")
     check.add_argument("config", help="TOML config file")
+    relay = command("relay", "records from NATS to the configured sinks (a fleet's live view)")
+    relay.add_argument("config", help="TOML config file with a [relay] table")
+    relay.add_argument("--duration", type=_positive_seconds, metavar="SECONDS",
+                       help="stop gracefully after this many seconds")
     command("plugins", "list installed backends and sinks")
     command("schema", "print the record JSON Schema (v1)")
     command("sample-config", "print a commented example config")
@@ -76,6 +87,8 @@ def _load(path: str | None) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.config and is_relay_config(args.config):
+        raise ConfigError(args.config, "has a [relay] table: run it with memagent relay")
     agent = build(_load(args.config))
     if isinstance(agent.backend, Openable):
         try:
@@ -91,7 +104,22 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _relay(args: argparse.Namespace) -> int:
+    from memagent import relay  # only this command needs it
+
+    built = relay.build(load_relay_config(args.config))
+    asyncio.run(relay.run_until_signalled(built, duration=args.duration))
+    return EXIT_OK
+
+
 def _check(args: argparse.Namespace) -> int:
+    if is_relay_config(args.config):
+        from memagent import relay
+
+        built = relay.build(load_relay_config(args.config))
+        sinks = ", ".join(f"{s.name} ({s.type})" for s in built.config.sinks)
+        print(f"{args.config}: ok: relay from {built.source.describe()}, sinks: {sinks}")
+        return EXIT_OK
     agent = build(_load(args.config))
     if isinstance(agent.backend, Openable):
         try:  # only a warning here: the config may be for another machine (a container's /host/proc)
@@ -151,7 +179,7 @@ def _sample_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _run, "check": _check, "plugins": _plugins, "schema": _schema,
+COMMANDS = {"run": _run, "relay": _relay, "check": _check, "plugins": _plugins, "schema": _schema,
             "sample-config": _sample_config}
 
 

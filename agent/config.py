@@ -315,3 +315,86 @@ def _sinks(raw: Any, target_names: set[str]) -> tuple[SinkConfig, ...]:
             options=opts.rest(),
         ))
     return tuple(sinks)
+
+
+# -- memagent relay ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """A ``memagent relay`` config: the ``[relay]`` table and the usual ``[[sinks]]``.
+
+    Of ``[relay]`` only ``hostname`` (what sinks are told this machine is; default: the
+    system's) and ``drain_timeout`` are the relay's own; the rest (``source``: servers, stream or
+    subject, credentials, ...) is validated by the NATS reader, as a sink validates its options.
+    A sink's ``targets`` names targets of the agents whose records are relayed, so any valid
+    target name is accepted there.
+    """
+
+    source: dict[str, Any]
+    sinks: tuple[SinkConfig, ...]
+    hostname: str
+    drain_timeout: float
+    path: str
+
+
+def load_relay_config(path: str | os.PathLike[str]) -> RelayConfig:
+    """Read, expand and validate a relay config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(str(path), f"cannot read: {reason}") from None
+    return parse_relay_config(text, source=str(path))
+
+
+def is_relay_config(path: str | os.PathLike[str]) -> bool:
+    """Whether a config file has a ``[relay]`` table (so ``memagent check`` validates it as a
+    relay's); False for anything unreadable, which the agent's loader then reports, and for what
+    is not a regular file (a FIFO, ``<(...)``, can be read only once)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        raw = tomllib.loads(expand_variables(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ConfigError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(raw.get("relay"), dict)
+
+
+def parse_relay_config(text: str, source: str = "<config>") -> RelayConfig:
+    """Validate a relay config's TOML text; ConfigError (one line) for anything wrong."""
+    try:
+        raw = tomllib.loads(expand_variables(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, f"not valid TOML: {exc}") from None
+    for key in ("agent", "targets", "backends"):
+        if key in raw:
+            raise ConfigError(key, "a relay config has no [agent], [[targets]] or [backends]: it relays "
+                                   "the records of agents that publish to NATS")
+    top = Options(raw, "")
+    if "relay" not in raw:
+        raise ConfigError("relay", "a [relay] table is required (servers, and stream or subject)")
+    relay = Options(top.table("relay"), "relay")
+    sinks_raw = top.raw("sinks", None)
+    top.finish()
+    hostname = relay.string("hostname", "") or socket.gethostname()
+    drain_timeout = relay.duration("drain_timeout", 10.0)
+    sinks = _sinks(sinks_raw, _relayed_target_names(sinks_raw))
+    return RelayConfig(relay.rest(), sinks, hostname, drain_timeout, source)
+
+
+def _relayed_target_names(raw: Any) -> set[str]:
+    """The target names the sinks of a relay config route by (they belong to the agents relayed,
+    not to this config): each must look like a target name."""
+    names: set[str] = set()
+    for number, item in enumerate(raw if isinstance(raw, list) else [], start=1):
+        value = item.get("targets") if isinstance(item, dict) else None
+        for name in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+            if isinstance(name, str):
+                if not _TARGET_NAME.match(name):
+                    raise ConfigError(f"sinks[{number}].targets", "may hold only letters, digits and "
+                                                                  f"_.:@/-, got {describe(name)}")
+                names.add(name)
+    return names
