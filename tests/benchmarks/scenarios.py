@@ -88,14 +88,16 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-def median_time(rounds: int, work: Callable[[], object]) -> float:
-    """Median wall time of ``rounds`` runs of ``work``, seconds."""
-    times = []
+def median_times(rounds: int, works: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median wall time of each of ``works``, seconds, over ``rounds`` rounds that run each once
+    in turn: on a machine doing other work too, every contender meets the same interference."""
+    times: dict[str, list[float]] = {name: [] for name in works}
     for _ in range(rounds):
-        began = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for name, work in works.items():
+            began = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def last_agent_record(path: Path) -> dict[str, Any] | None:
@@ -146,21 +148,26 @@ def at_rest(bench: Bench) -> dict[str, Any]:
         return samples[0]
 
     wait_until("memagent's first sample record", drain, 60, agent)
-    steps = max(int(plan.at_rest), int(bench.rescan) + 3)
-    late_at = max(1, min(steps // 4, steps - int(bench.rescan) - 2))
+    # three processes spawned mid-run (the rescan's phase drifts against the 1 s loop), each at
+    # least a rescan period and two seconds before the end
+    steps = max(int(plan.at_rest), math.ceil(bench.rescan) + 3)
+    last_spawn = steps - math.ceil(bench.rescan) - 2
+    first_spawn = max(1, min(steps // 4, last_spawn))
+    gap = (last_spawn - first_spawn) // 3
+    spawn_at = [first_spawn + n * gap for n in range(3)]  # all at once when the run is short
     t0 = math.ceil(time.time()) + 0.5  # half-way between ticks: never reading a process mid-tick
     points: dict[str, list[tuple[float, float]]] = {name: [] for name in meters}
     rss: list[tuple[float, int]] = []
-    late_pid, late_spawned = 0, 0.0
+    spawned: dict[int, float] = {}
     for step in range(steps + 1):
         sleep_until(t0 + step)
         now = time.time()
         for name, meter in meters.items():
             points[name].append((now, meter.read()))
         rss.append((round(now - t0, 1), rss_of(agent.pid)))
-        if step == late_at:
-            late_spawned = time.time()
-            late_pid = bench.sleepers.spawn(1)[0]
+        if step in spawn_at:
+            when = time.time()  # before the fork: the delay measured is never too short
+            spawned.update((pid, when) for pid in bench.sleepers.spawn(spawn_at.count(step)))
         drain()
     processes = process_count()
     bench.children.stop(agent)
@@ -176,13 +183,15 @@ def at_rest(bench: Bench) -> dict[str, Any]:
         whole = (series[-1][1] - series[0][1]) / (series[-1][0] - series[0][0]) * 100
         cpu[name] = {"median_pct": statistics.median(windows), "mean_pct": whole,
                      "windows_pct": [round(w, 3) for w in windows]}
-    discovered = starts.get(late_pid)
-    rss_values = [value for _, value in rss if value]
+    found = {pid: epoch_us(starts[pid]) / 1e6 - when if pid in starts else None
+             for pid, when in spawned.items()}
+    delays = [delay for delay in found.values() if delay is not None]
+    rss_values = [value for _, value in rss[window:] if value]  # from the end of the first window: warm
     return {
         "seconds": steps, "window_s": window, "processes_on_machine": processes, "cpu": cpu,
         "samples_written": samples[0], "rescan_s": bench.rescan,
-        "discovery_s": epoch_us(discovered) / 1e6 - late_spawned if discovered else None,
-        "rss": {"start": rss_values[0], "end": rss_values[-1], "max": max(rss_values),
+        "discovery_s": max(delays) if len(delays) == len(found) else None, "discovery_each_s": found,
+        "rss": {"start": rss_values[0], "end": rss_values[-1], "max": max(rss_values), "start_at_s": window,
                 "series": rss},
         "agent": agent_records[-1] if agent_records else None,
     }
@@ -262,7 +271,7 @@ def reading_and_rescans(bench: Bench) -> dict[str, Any]:
             for start in range(0, count, chunk):
                 results = backend.sample(identities[start:start + chunk], full)
                 if len(results) != len(identities[start:start + chunk]):
-                    raise RuntimeError("sample() returned a result per process")
+                    raise RuntimeError("sample() did not return one result per process")
 
         sample(False)  # opens what it holds, as the first tick does
         sample(True)
@@ -271,20 +280,19 @@ def reading_and_rescans(bench: Bench) -> dict[str, Any]:
             proc.memory_info()
         statm_fds = [os.open(f"/proc/{info.pid}/statm", os.O_RDONLY | os.O_CLOEXEC) for info in infos]
         rollup_fds = [os.open(f"/proc/{info.pid}/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC) for info in infos]
-        per = 1e6 / count
-        reading = {
-            "processes": count,
-            "memory_info_us": {
-                "memagent": median_time(rounds, lambda: sample(False)) * per,
-                "psutil": median_time(rounds, lambda: [p.memory_info() for p in procs]) * per,
-                "floor": median_time(rounds, lambda: [os.pread(fd, 128, 0) for fd in statm_fds]) * per,
-            },
-            "full_us": {
-                "memagent": median_time(full_rounds, lambda: sample(True)) * per,
-                "psutil": median_time(full_rounds, lambda: [p.memory_full_info() for p in procs]) * per,
-                "floor": median_time(full_rounds, lambda: [os.pread(fd, 4096, 0) for fd in rollup_fds]) * per,
-            },
-        }
+        memory_info = median_times(rounds, {
+            "memagent": lambda: sample(False),
+            "psutil": lambda: [p.memory_info() for p in procs],
+            "floor": lambda: [os.pread(fd, 128, 0) for fd in statm_fds],
+        })
+        full = median_times(full_rounds, {
+            "memagent": lambda: sample(True),
+            "psutil": lambda: [p.memory_full_info() for p in procs],
+            "floor": lambda: [os.pread(fd, 4096, 0) for fd in rollup_fds],
+        })
+        reading = {"processes": count,
+                    "memory_info_us": {name: t / count * 1e6 for name, t in memory_info.items()},
+                    "full_us": {name: t / count * 1e6 for name, t in full.items()}}
         rescans = _rescans(bench, backend)
     finally:
         for fd in statm_fds + rollup_fds:
@@ -294,6 +302,8 @@ def reading_and_rescans(bench: Bench) -> dict[str, Any]:
 
 
 def _rescans(bench: Bench, backend: Any) -> dict[str, Any]:
+    """``list_processes()`` per pid when nothing changed, and per new pid: a listing right after
+    ``batch`` processes started, less the listing after it (they are known then)."""
     rounds = bench.plan.rounds
     listed = len(backend.list_processes())
     list(psutil.process_iter())  # psutil keeps its Process objects between calls from now on
@@ -302,11 +312,8 @@ def _rescans(bench: Bench, backend: Any) -> dict[str, Any]:
         with os.scandir("/proc") as entries:
             return [e.name for e in entries if e.name.isdigit()]
 
-    known = {
-        "memagent": median_time(rounds, backend.list_processes) / listed * 1e6,
-        "psutil": median_time(rounds, lambda: list(psutil.process_iter())) / listed * 1e6,
-        "floor": median_time(rounds, scandir) / listed * 1e6,
-    }
+    known = median_times(rounds, {"memagent": backend.list_processes,
+                                  "psutil": lambda: list(psutil.process_iter()), "floor": scandir})
     batch = max(10, min(100, bench.plan.processes // 10))
     new: dict[str, list[float]] = {"memagent": [], "psutil": [], "floor": []}
     attrs = ["ppid", "name", "create_time", "cmdline", "exe", "username"]
@@ -318,7 +325,8 @@ def _rescans(bench: Bench, backend: Any) -> dict[str, Any]:
         finally:
             os.close(fd)
 
-    for _ in range(3):  # fresh processes for each measurer: the first to look a pid up pays its dentry
+    for _ in range(max(3, min(5, rounds // 4))):  # fresh processes for each measurer: the first to look a
+        # pid up pays for its /proc entry
         pids = bench.sleepers.spawn(batch)
         began = time.perf_counter()
         backend.list_processes()
@@ -336,7 +344,8 @@ def _rescans(bench: Bench, backend: Any) -> dict[str, Any]:
                 work(pid)
             new[name].append((time.perf_counter() - began) / batch * 1e6)
             bench.sleepers.kill(pids)
-    return {"listed": listed, "new_batch": batch, "known_pid_us": known,
+    return {"listed": listed, "new_batch": batch,
+            "known_pid_us": {name: t / listed * 1e6 for name, t in known.items()},
             "new_pid_us": {name: statistics.median(values) for name, values in new.items()},
             "new_pid_us_rounds": new}
 
@@ -369,34 +378,41 @@ def timing(bench: Bench) -> dict[str, Any]:
         child.process.wait(timeout=30)
         bench.children.stop(child)
 
+    # the slots wholly inside the window: a tick of the slot before it can be stamped after t0
+    first_slot, last_slot = int(t0 * 1e6) // interval_us + 1, int(t1 * 1e6) // interval_us - 1
     late_us: list[int] = []
     slots: set[int] = set()
     agent_before: dict[str, Any] | None = None
     agent_after: dict[str, Any] | None = None
     for record in Tail(out).records():
         ts = epoch_us(record["ts"])
-        if record.get("type") == "agent":
+        if record.get("type") == "agent":  # the last one before the window, the last one in it
             if ts < t0 * 1e6:
                 agent_before = record["agent"]
-            agent_after = record["agent"]
-        elif record.get("type") == "sample" and record.get("target") == "self" and t0 * 1e6 <= ts <= t1 * 1e6:
+            elif ts <= t1 * 1e6:
+                agent_after = record["agent"]
+        elif (record.get("type") == "sample" and record.get("target") == "self"
+              and first_slot <= ts // interval_us <= last_slot):
             late_us.append(ts % interval_us)
             slots.add(ts // interval_us)
-    expected_slots = int(t1 * 1e6) // interval_us - int(t0 * 1e6) // interval_us
+    expected_slots = last_slot - first_slot + 1
+    missing = sorted(set(range(first_slot, last_slot + 1)) - slots)
     peers = {}
     for kind, (_, path) in loops.items():
         late = orjson.loads(path.read_bytes())["lateness"]
         peers[kind] = {"p50_ms": percentile(late, 0.5) * 1e3, "p99_ms": percentile(late, 0.99) * 1e3,
                        "max_ms": max(late) * 1e3, "wakes": len(late)}
     skipped = None
-    if agent_after is not None:
-        skipped = agent_after["ticks_skipped"] - (agent_before["ticks_skipped"] if agent_before else 0)
+    if agent_before is not None and agent_after is not None:
+        skipped = agent_after["ticks_skipped"] - agent_before["ticks_skipped"]
     return {
         "seconds": t1 - t0, "ticks": len(late_us),
         "p50_ms": percentile(late_us, 0.5) / 1e3, "p99_ms": percentile(late_us, 0.99) / 1e3,
         "max_ms": max(late_us) / 1e3,
         "ticks_skipped": skipped, "slots_without_tick": max(0, expected_slots - len(slots)),
         "expected_slots": expected_slots, "peers": peers,
+        # where in the second the missing ticks were: right after :00 points at the 1 s tick
+        "missing_slots_ms_into_second": [slot * interval_us % 1_000_000 // 1000 for slot in missing[:500]],
         "note": "lateness is ts modulo 10 ms: exact below 10 ms, a lower bound beyond",
     }
 
