@@ -21,9 +21,13 @@ def file_sink(path: Path, **options: object) -> FileSink:
     return FileSink.from_options(Options({"path": str(path), **options}, "sinks[1]"), sink_context("file"))
 
 
-def read_lines(path: Path) -> list[bytes]:
-    """Lines of a file, gunzipped if it ends in .gz. Every line must be whole."""
+def read_lines(path: Path, *, partial_tail: bool = False) -> list[bytes]:
+    """Lines of a file, gunzipped if it ends in .gz. Every line must be whole, except with
+    ``partial_tail`` a last one cut short, which is left out: logrotate's copytruncate may copy
+    a file while a batch is being appended (the rest of that line is then truncated away)."""
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if partial_tail and data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
     assert not data or data.endswith(b"\n"), f"{path} ends with a partial line"
     return data.splitlines()
 
@@ -34,12 +38,13 @@ def seqs_in_order(live: Path) -> list[int]:
     return [orjson.loads(line)["seq"] for f in files for line in read_lines(f)]
 
 
-def seqs_anywhere(directory: Path) -> list[int]:
+def seqs_anywhere(directory: Path, *, partial_tail: bool = False) -> list[int]:
     """``seq`` of every record in every file of ``directory`` (any order, duplicates kept)."""
     seqs = []
     for path in sorted(directory.iterdir()):
         if path.is_file():
-            seqs.extend(orjson.loads(line)["seq"] for line in read_lines(path) if line.strip())
+            seqs.extend(orjson.loads(line)["seq"] for line in read_lines(path, partial_tail=partial_tail)
+                        if line.strip())
     return seqs
 
 

@@ -466,6 +466,8 @@ def test_real_reused_pid_is_listed_as_the_new_process() -> None:
         pytest.skip("the kernel did not hand the pid out again")
     try:
         assert os.stat(f"/proc/{second.pid}").st_ino != inode  # what the listing relies on
+        # listed once its exec is done (before, /proc shows the forking parent's command line)
+        wait_for(lambda: Path(f"/proc/{second.pid}/cmdline").read_bytes() == b"sleep\x00600.2\x00")
         new = {p.pid: p for p in backend.list_processes()}[second.pid]
         results = backend.sample([old, new.identity], full=False)
     finally:
