@@ -1,5 +1,5 @@
 """Helpers for WebSocket sink and listener tests: a started sink on a free loopback port, clients,
-receiving, raw HTTP requests."""
+receiving, raw HTTP requests; Chromium for the dashboard."""
 
 from __future__ import annotations
 
@@ -70,9 +70,13 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-__all__ = ["TOKEN", "WRONG", "captured", "connect", "connected", "feed_port", "handshake", "http_exchange",
-           "http_request", "receive", "running_sink", "self_signed_cert", "stalled_client", "token_forms",
-           "url"]
+__all__ = ["CHROMIUM_ARGS", "TOKEN", "WRONG", "agent_run", "captured", "connect", "connected", "feed_port",
+           "free_port", "handshake", "http_exchange", "http_request", "receive", "running_sink",
+           "self_signed_cert", "stalled_client", "token_forms", "url"]
+
+#: How the tests start Debian's chromium: headless, and nothing that phones home.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def stalled_client(port: int, path: str = "/") -> socket.socket:
@@ -132,6 +136,19 @@ def http_exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int |
 def feed_port(agent: AgentProcess) -> int:
     """The port of the websocket feed of a running ``memagent run``, once it has logged it."""
     return int(agent.wait_for_stderr(r"websocket feed on wss?://[^:/]+:(\d+)/").group(1))
+
+
+def agent_run(agent: AgentProcess) -> str:
+    """The run id of a running ``memagent run --log-level info``, once it has logged it."""
+    return agent.wait_for_stderr(r"run ([0-9a-f]{16}):").group(1)
+
+
+def free_port() -> int:
+    """A loopback port free right now: for an agent that must come back on the same port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 # -- secrets in logs ---------------------------------------------------------------------------
