@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
+import re
 import ssl
 import time
 import urllib.error
@@ -14,8 +17,10 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from memagent.contracts import ProcessInfo
 from memagent.errors import ConfigError
 from memagent.options import Options
+from memagent.plugins.sinks import websocket
 from memagent.plugins.sinks.websocket import WebSocketSink
 from memagent.records import RecordMaker
 from memagent.testing import make_records, sink_context
@@ -68,7 +73,8 @@ async def test_filter_message_changes_the_subscription() -> None:
 
 @pytest.mark.parametrize(("query", "message", "reason"), [
     ("type=nonsense", None, "type: unknown record type 'nonsense'"),
-    ("colour=red", None, "unknown filter 'colour'; use target, pid, type, fields, since"),
+    ("colour=red", None, "unknown filter 'colour'; use target, pid, type, fields, since, cursor"),
+    ("cursor=maybe", None, "cursor: expected true or false"),
     ("pid=abc", None, "pid: expected a list of integers"),
     ("", "this is not json", "messages must be JSON filter objects"),
     ("", "[1, 2]", "messages must be JSON filter objects"),
@@ -162,8 +168,14 @@ def http_get(address: str) -> bytes:
         return body
 
 
+def http_get_with_headers(address: str) -> tuple[bytes, dict[str, str]]:
+    with urllib.request.urlopen(address, timeout=5) as response:
+        body: bytes = response.read()
+        return body, dict(response.headers)
+
+
 async def test_unknown_path_is_404() -> None:
-    """Only the feed path, /healthz and /dashboard exist."""
+    """Only the feed path, /healthz, /dashboard and /processes exist."""
     async with running_sink(path="/feed") as sink:
         with pytest.raises(urllib.error.HTTPError) as missing:
             await asyncio.to_thread(http_get, f"http://127.0.0.1:{sink.port}/other")
@@ -195,6 +207,143 @@ async def test_since_older_than_the_buffer_says_gap() -> None:
             got = await receive(client, 51)
     assert got[0] == {"type": "gap", "from": 11, "to": 150}
     assert [m["seq"] for m in got[1:]] == list(range(151, 201))
+
+
+RUN = sink_context().run  # the run of every sink the tests start (running_sink)
+
+
+async def test_since_naming_this_run_resumes_like_a_bare_seq() -> None:
+    """?since=<run>:<seq> with the sink's own run: exactly what a bare ?since=<seq> gets."""
+    records = make_records(100)
+    async with running_sink(replay=500) as sink:
+        await sink.write(records)
+        async with connect(url(sink, f"since={RUN}:60")) as named, connect(url(sink, "since=60")) as bare:
+            got_named, got_bare = await receive(named, 40), await receive(bare, 40)
+    assert [m["seq"] for m in got_named] == [m["seq"] for m in got_bare] == list(range(61, 101))
+
+
+async def test_since_naming_another_run_gets_the_run_change_then_the_whole_buffer() -> None:
+    """The agent restarted: a cursor from the old run gets {"type": "run", ...}, then every
+    buffered record from seq 1, then the live stream; nothing the sink still holds is lost."""
+    async with running_sink(replay=500) as sink:
+        records = make_records(300)
+        await sink.write(records[:120])
+        async with connect(url(sink, "since=9f1c2ab07d3e4f10:5000")) as client:
+            await connected(sink, 1)
+            await sink.write(records[120:])
+            got = await receive(client, 301)
+    assert got[0] == {"type": "run", "run": RUN, "previous": "9f1c2ab07d3e4f10"}
+    assert [m["seq"] for m in got[1:]] == list(range(1, 301))
+
+
+async def test_another_run_with_a_trimmed_buffer_also_gets_the_gap_from_1() -> None:
+    """After a restart, records of the new run no longer buffered are named in a gap from 1."""
+    async with running_sink(replay=50) as sink:
+        await sink.write(make_records(200))
+        async with connect(url(sink, "since=0123456789abcdee:42")) as client:
+            got = await receive(client, 52)
+    assert got[0]["type"] == "run" and got[1] == {"type": "gap", "from": 1, "to": 150}
+    assert [m["seq"] for m in got[2:]] == list(range(151, 201))
+
+
+async def test_a_cursor_the_sink_has_not_reached_is_checked_on_the_next_write() -> None:
+    """A sink that has seen nothing yet (new since a reload) cannot tell at once; the first
+    write says whether records after the cursor were skipped."""
+    records = make_records(30)
+    async with running_sink() as sink, connect(url(sink, f"since={RUN}:10")) as behind, \
+            connect(url(sink, f"since={RUN}:19")) as level:
+        await connected(sink, 2)
+        await sink.write(records[19:])
+        got_behind, got_level = await receive(behind, 12), await receive(level, 11)
+    assert got_behind[0] == {"type": "gap", "from": 11, "to": 19}
+    assert [m["seq"] for m in got_behind[1:]] == [m["seq"] for m in got_level] == list(range(20, 31))
+
+
+async def test_cursor_messages_say_where_to_resume_once_caught_up() -> None:
+    """cursor=1: after the records of a write (never before them) a cursor message with the feed's
+    run and position; resuming from it misses nothing and repeats nothing. A relay's records keep
+    their agents' seq: the cursor is the feed's position, not theirs."""
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={}, run="aaaaaaaaaaaaaaaa")
+    relayed = [record._replace(seq=1000 + record.seq) for record in make_records(30, maker=maker)]
+    async with running_sink() as sink:
+        async with connect(url(sink, "cursor=1")) as client, connect(url(sink)) as plain:
+            await connected(sink, 2)
+            await sink.write(relayed[:10])
+            got = await receive(client, 11)
+            assert [m["seq"] for m in await receive(plain, 10)] == list(range(1, 11))  # no cursor unasked
+        await sink.write(relayed[10:])
+        async with connect(url(sink, f"since={got[-1]['since']}&cursor=1")) as resumed:
+            rest = await receive(resumed, 21)
+    assert [m["seq"] for m in got[:10]] == list(range(1, 11))  # the agents' own seqs, as relayed
+    assert got[10] == {"type": "cursor", "since": f"{RUN}:1010"}
+    assert [m["seq"] for m in rest[:20]] == list(range(11, 31)) and rest[20]["since"] == f"{RUN}:1030"
+
+
+@pytest.mark.parametrize("since", ["abc", "-1", "r!n:3", "1,2", "run:", ":5", "1" * 20, "x" * 65 + ":1"])
+async def test_a_malformed_since_closes_with_1008(since: str) -> None:
+    """since is <run>:<seq> or <seq>; anything else is refused with a reason saying so."""
+    async with running_sink() as sink, connect(url(sink, f"since={since}")) as client:
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(client.recv(), 5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+    assert closed.value.rcvd.reason == "since: expected <run>:<seq> or <seq>, seq >= 0"
+
+
+async def test_processes_lists_the_start_records_of_live_processes() -> None:
+    """GET /processes (behind the token): the start record of each process seen starting and not
+    yet exited, with the run and the last seq."""
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    first, second = (ProcessInfo(pid, 1, "py", 1_700_000_000.0 + pid, cmdline=("python", str(pid)))
+                     for pid in (10, 20))
+    ts = "2026-01-01T00:00:00Z"
+    drafts = [maker.start("t", first, ts), maker.start("t", second, ts), maker.exit("t", first, ts)]
+    async with running_sink(token="s3cret") as sink:
+        await sink.write([maker.seal(d) for d in drafts])
+        address = f"http://127.0.0.1:{sink.port}/processes"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(http_get, address)
+        refused.value.close()
+        listed = json.loads(await asyncio.to_thread(http_get, address + "?token=s3cret"))
+    assert refused.value.code == 401
+    assert (listed["run"], listed["seq"]) == (RUN, 3)
+    assert [(p["type"], p["pid"], p["cmdline"]) for p in listed["processes"]] == [
+        ("start", 20, ["python", "20"])]
+
+
+async def test_processes_keeps_at_most_starts_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start records kept are bounded in bytes: the oldest are forgotten first."""
+    maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={})
+    starts = [maker.seal(maker.start("t", ProcessInfo(pid, 1, "x", 1.0, cmdline=("x" * 1000,)),
+                                     "2026-01-01T00:00:00Z")) for pid in range(1, 21)]
+    monkeypatch.setattr(websocket, "STARTS_BYTES", 5 * len(starts[0].json) + 10)
+    async with running_sink() as sink:
+        await sink.write(starts)
+        assert [record.pid for record in sink.starts.values()] == [16, 17, 18, 19, 20]
+
+
+async def test_dashboard_is_one_page_with_a_strict_policy() -> None:
+    """GET /dashboard needs no token: one page with uPlot inlined (its license beside it), nothing
+    from elsewhere, and a CSP allowing only its own inline script and style (by hash)."""
+    async with running_sink(token="s3cret", path="/feed") as sink:
+        page, headers = await asyncio.to_thread(http_get_with_headers, f"http://127.0.0.1:{sink.port}/dashboard")
+    policy = headers["Content-Security-Policy"]
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    static = Path(websocket.__file__).parent / "static"
+    assert b"uPlot" in scripts[0] and b'const FEED_PATH = "/feed";' in scripts[1] and b"__UPLOT" not in page
+    assert not re.search(rb"<(script|link|img)\b[^>]*\b(src|href)=\"?(https?:)?//", page)
+    assert "MIT License" in (static / "uPlot.LICENSE").read_text()
+    assert policy.startswith("default-src 'none'; script-src 'sha256-") and "unsafe-inline" not in policy
+    for script in scripts:
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        assert f"'sha256-{digest}'" in policy
+    assert headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_the_feed_path_is_written_into_the_page_as_a_js_string() -> None:
+    """A path with quotes or markup cannot end the page's script early."""
+    page, _ = websocket.dashboard_page('/a"b</script>')
+    assert b'const FEED_PATH = "/a\\"b\\u003c/script>";' in page
 
 
 async def test_batch_mode_sends_arrays() -> None:

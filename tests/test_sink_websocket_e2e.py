@@ -1,4 +1,5 @@
-"""The WebSocket feed end to end: the real CLI, an external client (websocat), headless Chromium."""
+"""The WebSocket feed end to end: the real CLI, an external client (websocat), a websockets client
+resuming across a restart. The dashboard in Chromium: tests/test_dashboard.py."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import AgentProcess, run_agent, system_tool
-from ws_helpers import feed_port
+from cli_helpers import AgentProcess, run_agent, scaled
+from ws_helpers import agent_run, connect, feed_port, free_port, receive
 
 TOKEN = "e2e-token-5f1c"  # noqa: S105 - a test token, asserted never to appear in the logs
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 Feed = tuple[AgentProcess, int]
@@ -63,42 +62,35 @@ def test_websocat_with_wrong_token_is_refused(feed_agent: Feed) -> None:
     assert result.returncode != 0 and b"401" in result.stderr
 
 
-def test_dashboard_shows_a_live_chart_in_chromium(feed_agent: Feed,
-                                                  tmp_path: Path) -> None:
-    """Headless Chromium opens /dashboard: it goes live, counts records, charts the process, updates."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = system_tool("chromium", "chromium")
-    agent, port = feed_agent
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 640})
-            page.goto(f"http://127.0.0.1:{port}/dashboard?token={TOKEN}")
-            page.wait_for_function("Number(document.getElementById('records-count').textContent) >= 3",
-                                   timeout=20_000)
-            first = int(page.inner_text("#records-count"))
-            page.wait_for_function(f"Number(document.getElementById('records-count').textContent) > {first}",
-                                   timeout=20_000)
-            status = page.inner_text("#status")
-            legend = page.locator("#legend li").first
-            legend_pid = legend.get_attribute("data-pid")
-            legend_text = legend.inner_text()
-            painted = page.evaluate("""() => {
-                const c = document.getElementById('chart');
-                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                let coloured = 0;
-                for (let i = 0; i < d.length; i += 4) {
-                    if (d[i + 3] && Math.abs(d[i] - d[i + 1]) > 60) coloured++;  // saturated: a line
-                }
-                return coloured;
-            }""")
-            page.screenshot(path=str(tmp_path / "dashboard.png"))
-        finally:
-            browser.close()
-    assert status == "live"
-    assert legend_pid == str(agent.pid) and "me · " in legend_text and "MiB" in legend_text
-    assert painted > 20, "no coloured line was drawn on the chart"
-    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+async def test_resuming_across_a_restart_replays_the_new_run(write_config: Callable[[str], Path]) -> None:
+    """A real websockets client reads run A, the agent restarts on the same port (run B), and
+    ?since=<A>:<seq> gets {"type": "run", ...} and then run B from seq 1 with no hole, straight into
+    the live stream; a bare ?since=<seq> (the old form) still resumes within the current run."""
+    port = free_port()
+    config = write_config('[agent]\ninterval = "100ms"\n[[targets]]\nname = "me"\nself = true\n'
+                          f'[[sinks]]\ntype = "websocket"\nport = {port}\nreplay = 100000\n')
+    feed = f"ws://127.0.0.1:{port}/"
+    with run_agent(config, "--log-level", "info") as first:
+        run_a = agent_run(first)
+        feed_port(first)
+        async with connect(feed + "?since=0") as client:
+            seen_a = await receive(client, 10)
+        assert first.stop().returncode == 0
+    with run_agent(config, "--log-level", "info") as second:
+        run_b = agent_run(second)
+        feed_port(second)
+        async with connect(feed) as live:  # run B has made at least 20 records
+            await receive(live, 20)
+        async with connect(f"{feed}?since={run_a}:{seen_a[-1]['seq']}") as resumed:
+            told, *records = await receive(resumed, 21, timeout=scaled(10))  # all buffered already
+        async with connect(f"{feed}?since=5") as bare:
+            [sixth] = await receive(bare, 1)
+        assert second.stop().returncode == 0
+    assert {r["run"] for r in seen_a} == {run_a} and [r["seq"] for r in seen_a] == list(range(1, 11))
+    assert told == {"type": "run", "run": run_b, "previous": run_a}
+    assert {r["run"] for r in records} == {run_b}
+    assert [r["seq"] for r in records] == list(range(1, 21))
+    assert (sixth["run"], sixth["seq"]) == (run_b, 6)
 
 
 def test_hundred_clients_get_every_record_at_2000_per_second() -> None:

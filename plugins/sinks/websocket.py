@@ -5,8 +5,10 @@ The listener owns everything before the handshake, with its guarantees: options 
 ``token``, ``origins``, ``tls_cert``, ``tls_key``; malformed requests (400), the Origin policy
 (403), the token (401), ``GET /healthz`` (here: clients, sent, dropped, replay), redaction of the
 token from every log, exposure warnings and a bounded close. This module is the feed on it:
-``GET /dashboard`` (a self-contained page, no CDN, no token needed: it holds no data), ``max_clients``
-(503 before the handshake), and, once connected:
+``GET /dashboard`` (one self-contained page with the vendored uPlot inlined, no CDN, a strict
+Content-Security-Policy, no token needed: it holds no data), ``GET /processes`` (behind the token:
+the ``start`` record of every process seen starting and not yet exited, so a page opened late still
+knows command lines), ``max_clients`` (503 before the handshake), and, once connected:
 
 - ``write`` never waits on a client: each record goes into every subscribed client's own queue,
   bounded by count (``client_queue``) and by bytes (``client_queue_bytes``). A slow client loses
@@ -16,23 +18,37 @@ token from every log, exposure warnings and a bounded close. This module is the 
   Clients with the same ``fields`` projection share one encoded copy of each record. Server
   memory is bounded by ``replay_bytes`` + clients × (``client_queue_bytes`` + ``write_limit`` +
   one message), counted in encoded JSON bytes.
-- The last ``replay`` records (at most ``replay_bytes``) are kept; a client connecting with
-  ``?since=<seq>`` first gets a ``{"type": "gap"}`` message saying what is no longer buffered
-  (if anything), then every buffered record after that seq, then the live stream, without loss or
-  repeat in between. Control messages (``gap``, ``lag``) are never dropped: they are kept apart
-  from the record queue and sent before it.
+- The last ``replay`` records (at most ``replay_bytes``) are kept. A client resumes with
+  ``?since=<run>:<seq>`` (the run and the last seq it saw). The same run: it first gets a
+  ``{"type": "gap", "from": a, "to": b}`` message naming what is no longer buffered (if anything),
+  then every buffered record after that seq, then the live stream, without loss or repeat in
+  between. Another run (the agent restarted): ``{"type": "run", "run": <this run>, "previous":
+  <its run>}``, then the whole buffer as above from seq 0 (a ``gap`` from 1 if the buffer no longer
+  starts there), so a restart loses nothing the server still holds. A bare ``?since=<seq>`` is read
+  as a seq of this run. A cursor this sink has not reached yet (a sink new since a reload) is
+  checked against the first record that follows: a ``gap`` if records were skipped. Control
+  messages (``run``, ``gap``, ``lag``) are never dropped: they are kept apart from the record queue
+  and sent before it.
+- The position is the feed's: ``context.run`` and :attr:`Record.seq`. On an agent they are the
+  records' own ``run`` and ``seq``; on a relay the feed id and the source's position, while the
+  records keep their agents' ``run`` and ``seq``. A client that asks (``cursor=1``) is told it: a
+  ``{"type": "cursor", "since": "<run>:<seq>"}`` message each time it has caught up after getting
+  records (after them, never before), to resume from as it is.
 - Bad filters, in the query string or a client message, close that client with 1008 and a reason;
   oversized messages close it with 1009 (``max_size``). The server and other clients carry on.
 - ``close`` is the listener's: bounded (about 2 × ``CLOSE_GRACE``) whatever the clients do.
 
 Not guaranteed: delivery to a client that is too slow (see above) or disconnected; replay beyond
-the buffer.
+the buffer; records of a previous run after the last one a client saw (that agent is gone).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -51,6 +67,7 @@ from memagent.options import Options
 from memagent.plugins.sinks.listener import HEALTH_PATH, Feed, Listener, ListenerOptions, peer, response
 from memagent.plugins.sinks.websocket_filters import (
     BadFilter,
+    Cursor,
     Projections,
     Subscription,
     from_message,
@@ -62,7 +79,12 @@ CLOSE_POLICY = 1008  # bad filter or message
 CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
 CLOSE_TIMEOUT = 2.0  # seconds a client closed for being slow gets to answer before it is aborted
 DASHBOARD_PATH = "/dashboard"
+PROCESSES_PATH = "/processes"
+RESERVED_PATHS = (HEALTH_PATH, DASHBOARD_PATH, PROCESSES_PATH)
 MIB = 1024 * 1024
+#: Bytes of start records kept for GET /processes; past it the oldest are forgotten (a process
+#: with a 32 KiB command line each: still 256 of them).
+STARTS_BYTES = 8 * MIB
 
 # -- clients ---------------------------------------------------------------------------------------
 
@@ -79,7 +101,10 @@ class Client:
         self.connection = connection
         self.subscription = subscription
         self.queue: BoundedQueue[bytes] = BoundedQueue(capacity, capacity_bytes, len)
-        self.control: deque[bytes] = deque()  # at most one gap message; sent before any record
+        self.control: deque[bytes] = deque()  # run and gap messages; sent before any record
+        self.resume_after: int | None = None  # a since this sink had not reached: checked on the next write
+        self.cursor: bytes | None = None  # the position after the last record queued (cursor=1 clients)
+        self.cursor_sent: bytes | None = None
         self.ready = asyncio.Event()
         self.dropped_unreported = 0
         self.dropped_since_caught_up = 0
@@ -115,7 +140,7 @@ class WebSocketSink:
 type = "websocket"
 host = "127.0.0.1"          # listen address; "0.0.0.0" serves other hosts: set token + TLS (warned)
 port = 8765                 # 0 = any free port (logged)
-path = "/"                  # the feed; GET /healthz and GET /dashboard are served beside it
+path = "/"                  # the feed; GET /healthz, /dashboard and /processes are served beside it
 # token = "${MEMAGENT_WS_TOKEN}"   # clients send "Authorization: Bearer <token>" or ?token=<token>
 # origins = ["https://grafana.example.com"]   # browser pages allowed besides the feed's own origin
 # tls_cert = "/etc/memagent/cert.pem"
@@ -124,7 +149,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
 # client_queue = 1000       # records queued per client before its oldest are dropped (counted)
 # client_queue_bytes = "4MiB"   # ... and bytes queued per client, the same way
 # disconnect_after = 10000  # a client that lost this many records without catching up is closed
-# replay = 1000             # records kept for ?since=<seq> reconnects
+# replay = 1000             # records kept for ?since=<run>:<seq> reconnects
 # replay_bytes = "16MiB"    # ... at most this many bytes of them
 # batch = false             # true: each message is a JSON array of records
 # ping_interval = "20s"
@@ -147,9 +172,13 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self.write_limit = write_limit
         self.replay: BoundedQueue[Record] = BoundedQueue(replay, replay_bytes, _record_bytes)
         self.last_seq = 0
+        self.run = context.run
+        self.starts: dict[tuple[object, ...], Record] = {}  # (host, target, pid, started): live processes
+        self._starts_bytes = 0
         self.clients: set[Client] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._dashboard = b""
+        self._dashboard_policy = ""
         self._closed_drops = 0  # drops of clients that are gone, so the counter never goes down
         feed = Feed(path, self._handle, full=lambda: len(self.clients) >= self.max_clients,
                     ping_interval=ping_interval, ping_timeout=ping_timeout, write_limit=write_limit,
@@ -157,15 +186,16 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         self.listener = Listener(listener or ListenerOptions(port=8765), name=context.name,
                                  counters=context.counters, health=self._health, feed=feed, log=context.log)
         self.listener.route(DASHBOARD_PATH, self._answer_dashboard, token=False)
+        self.listener.route(PROCESSES_PATH, self._answer_processes)
         declare_counters(context.counters, "clients", "connections", "sent", "client_drops",
                          "disconnected_slow", "bad_filters")
 
     @classmethod
     def from_options(cls, options: Options, context: SinkContext) -> WebSocketSink:
         path = options.string("path", "/", nonempty=True)
-        if not path.startswith("/") or path in (HEALTH_PATH, DASHBOARD_PATH):
-            raise ConfigError(options.key("path"), f'must start with "/" and not be {HEALTH_PATH} or '
-                                                   f'{DASHBOARD_PATH}, got "{path}"')
+        if not path.startswith("/") or path in RESERVED_PATHS:
+            raise ConfigError(options.key("path"), f'must start with "/" and not be '
+                                                   f'{", ".join(RESERVED_PATHS)}, got "{path}"')
         listener = ListenerOptions.read(options, port=8765)
         client_queue_bytes = options.size("client_queue_bytes", 4 * MIB)
         if client_queue_bytes < 4096:
@@ -199,8 +229,7 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        page = resources.files("memagent.plugins.sinks").joinpath("static/dashboard.html").read_text("utf-8")
-        self._dashboard = page.replace("__MEMAGENT_FEED_PATH__", self.path).encode()
+        self._dashboard, self._dashboard_policy = dashboard_page(self.path)
         await self.listener.start()
         scheme = "wss" if self.listener.tls else "ws"
         self.context.log.info("websocket feed on %s://%s:%d%s (dashboard: %s, health: %s)", scheme,
@@ -220,7 +249,17 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
                 "dropped": self.context.counters["client_drops"], "replay": len(self.replay)}
 
     def _answer_dashboard(self, request: Request) -> Response:
-        return response(200, self._dashboard, "text/html; charset=utf-8")
+        page = response(200, self._dashboard, "text/html; charset=utf-8")
+        page.headers["Content-Security-Policy"] = self._dashboard_policy
+        page.headers["X-Content-Type-Options"] = "nosniff"
+        page.headers["Referrer-Policy"] = "no-referrer"  # its address may carry ?token=
+        return page
+
+    def _answer_processes(self, request: Request) -> Response:
+        """``{"run": ..., "seq": <last seq>, "processes": [<start record>, ...]}``, oldest first."""
+        head = b'{"run":' + orjson.dumps(self.run) + b',"seq":' + str(self.last_seq).encode()
+        body = head + b',"processes":' + joined(record.json for record in self.starts.values()) + b"}"
+        return response(200, body, "application/json")
 
     # -- records in ------------------------------------------------------------------------------
 
@@ -229,21 +268,48 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
         same projection share each projected record."""
         self._remember(batch)
         projections: Projections = {}
+        cursor = self._cursor() if batch else None
         for client in list(self.clients):
+            if client.resume_after is not None and batch:
+                if batch[0].seq > client.resume_after + 1:
+                    client.tell(_gap(client.resume_after + 1, batch[0].seq - 1))
+                client.resume_after = None
             sub = client.subscription
+            offered = False
             for record in batch:
                 if sub.wants(record):
                     client.offer(sub.encode(record, projections))
+                    offered = True
+            if offered and sub.cursor:
+                client.cursor = cursor
             if client.dropped_since_caught_up > self.disconnect_after:
                 self._drop_slow(client)
         drops = sum(c.dropped for c in self.clients)
         self.context.counters["client_drops"] = self._closed_drops + drops
 
     def _remember(self, batch: Sequence[Record]) -> None:
-        """Keep the batch in the replay buffer, evicting the oldest past either bound."""
+        """Keep the batch in the replay buffer, evicting the oldest past either bound; keep the
+        start record of each live process (for GET /processes), forgetting it at its exit."""
         for record in batch:
             self.replay.push(record)
             self.last_seq = max(self.last_seq, record.seq)
+            if record.type == "start" or record.type == "exit":
+                self._track_start(record)
+
+    def _cursor(self) -> bytes:
+        return orjson.dumps({"type": "cursor", "since": f"{self.run}:{self.last_seq}"})
+
+    def _track_start(self, record: Record) -> None:
+        fields = record.fields
+        key = (fields.get("host"), record.target, record.pid, fields.get("started"))
+        if (gone := self.starts.pop(key, None)) is not None:
+            self._starts_bytes -= len(gone.json)
+        if record.type == "start":
+            self.starts[key] = record
+            self._starts_bytes += len(record.json)
+            while self._starts_bytes > STARTS_BYTES:
+                oldest = self.starts.pop(next(iter(self.starts)))
+                self._starts_bytes -= len(oldest.json)
 
     def _drop_slow(self, client: Client) -> None:
         self.clients.discard(client)
@@ -292,17 +358,27 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
                 self._closed_drops += client.dropped
             self.context.counters["clients"] = len(self.clients)
 
-    def _replay_to(self, client: Client, since: int | None) -> None:
-        """Queue what the client missed after ``since``; first a ``gap`` message if some of it is
-        no longer buffered."""
+    def _replay_to(self, client: Client, since: Cursor | None) -> None:
+        """Queue what the client missed after ``since``: a ``run`` message if it names another run
+        (then everything buffered), a ``gap`` message if some of it is no longer buffered, then
+        the buffered records. See the module docstring."""
         if since is None:
             return
+        after = since.seq
+        if since.run is not None and since.run != self.run:
+            client.tell(orjson.dumps({"type": "run", "run": self.run, "previous": since.run}))
+            after = 0
+        if self.last_seq <= after:  # nothing after it has reached this sink yet
+            client.resume_after = after
+            return
         oldest = self.replay[0].seq if self.replay else self.last_seq + 1
-        if since + 1 < oldest:
-            client.tell(orjson.dumps({"type": "gap", "from": since + 1, "to": oldest - 1}))
+        if after + 1 < oldest:
+            client.tell(_gap(after + 1, oldest - 1))
         for record in self.replay:
-            if record.seq > since and client.subscription.wants(record):
+            if record.seq > after and client.subscription.wants(record):
                 client.offer(client.subscription.encode(record))
+        if client.subscription.cursor:
+            client.cursor = self._cursor()
 
     async def _send_forever(self, client: Client) -> None:
         connection = client.connection
@@ -319,6 +395,11 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
                     continue
                 if not client.queue:
                     client.dropped_since_caught_up = 0
+                    cursor = client.cursor
+                    if cursor is not None and cursor is not client.cursor_sent:  # caught up: say where, once
+                        client.cursor_sent = cursor
+                        await connection.send(cursor, text=True)
+                        continue
                     client.ready.clear()
                     await client.ready.wait()
                     continue
@@ -328,6 +409,35 @@ path = "/"                  # the feed; GET /healthz and GET /dashboard are serv
                 self.context.counters["sent"] += len(parts)
         except ConnectionClosed:
             return
+
+
+def _gap(first: int, last: int) -> bytes:
+    return orjson.dumps({"type": "gap", "from": first, "to": last})
+
+
+_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+def dashboard_page(feed_path: str) -> tuple[bytes, str]:
+    """The dashboard as one page (static/dashboard.html with the vendored uPlot script and style
+    inlined, the feed's path filled in) and its Content-Security-Policy: nothing but its own inline
+    script and style (by hash) and connections to its own origin."""
+    static = resources.files("memagent.plugins.sinks").joinpath("static")
+    page = static.joinpath("dashboard.html").read_text("utf-8")
+    uplot = static.joinpath("uPlot.iife.min.js").read_text("utf-8")
+    style = static.joinpath("uPlot.min.css").read_text("utf-8")
+    if "</" in uplot or "</" in style:  # would end the inline element early
+        raise ValueError("the vendored uPlot files cannot be inlined")
+    path = orjson.dumps(feed_path).decode().replace("<", "\\u003c")
+    text = (page.replace("/*__UPLOT_CSS__*/", style).replace("/*__UPLOT_JS__*/", uplot)
+            .replace('"__MEMAGENT_FEED_PATH__"', path)).encode()
+    hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
+    for kind, body in _INLINE.findall(text):
+        hashes[kind].append("'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'")
+    policy = (f"default-src 'none'; script-src {' '.join(hashes[b'script'])}; "
+              f"style-src {' '.join(hashes[b'style'])}; connect-src 'self'; img-src data:; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return text, policy
 
 
 async def _close_or_abort(connection: ServerConnection, code: int, reason: str) -> None:
