@@ -4,6 +4,7 @@ interrupted. The figures themselves are not checked: they are the suite's output
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import orjson
 import psutil
 import pytest
 
-from cli_helpers import scaled
+from cli_helpers import scaled, wait_for
 
 SUITE = Path(__file__).resolve().parent / "benchmarks" / "suite.py"
 
@@ -83,7 +84,15 @@ def test_interrupted_run_stops_everything(tmp_path: Path) -> None:
             break
         assert time.monotonic() < deadline, "the suite never reached the at-rest run"
     assert marker is not None
-    time.sleep(1.5)  # an agent and three peers are running now
+
+    def agent_running() -> bool:  # the at-rest run's memagent has started: interrupt it mid-run
+        for child in psutil.Process(suite.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if child.cmdline()[1:3] == ["-m", "memagent"]:
+                    return True
+        return False
+
+    wait_for(agent_running, timeout=60, interval=0.05)
     children = psutil.Process(suite.pid).children(recursive=True)
     assert len(children) > 50
     suite.send_signal(signal.SIGINT)
