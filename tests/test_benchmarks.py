@@ -71,7 +71,9 @@ def test_smoke_run_measures_every_figure(tmp_path: Path) -> None:
 def test_interrupted_run_stops_everything(tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) in the middle of a run: the suite exits 130 and neither its idle
     processes nor the agents and peers it started are left running."""
-    suite = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--processes", "50",
+    # a 30 s at-rest part: the interrupt lands in it however slow the machine (the smoke plan's
+    # one second could end, and the rest of the suite with it, before the signal arrived)
+    suite = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--processes", "50", "--seconds", "30",
                               "--json", str(tmp_path / "bench.json")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     assert suite.stderr is not None
