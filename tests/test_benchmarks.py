@@ -75,7 +75,10 @@ def test_interrupted_run_stops_everything(tmp_path: Path) -> None:
     # one second could end, and the rest of the suite with it, before the signal arrived)
     suite = subprocess.Popen([sys.executable, str(SUITE), "--smoke", "--processes", "50", "--seconds", "30",
                               "--json", str(tmp_path / "bench.json")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             # Ctrl-C as in a terminal: a suite started in the background by a
+                             # non-interactive shell inherits SIGINT ignored, and would ignore it
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert suite.stderr is not None
     marker = None
     deadline = time.monotonic() + scaled(60)
