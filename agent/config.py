@@ -146,16 +146,20 @@ def _substitute(inside: str, closed: bool, env: Mapping[str, str], where: str) -
     raise ConfigError(where, f"${{{name}}} is not set (set it, or write ${{{name}:-default}})")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read, expand and validate a config file."""
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """A config file's text; ConfigError (one line naming the path) if it cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), "no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(str(path), f"cannot read: {reason}") from None
-    return parse_config(text, source=str(path))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, expand and validate a config file."""
+    return parse_config(read_config_text(path), source=str(path))
 
 
 def default_config_text() -> str:
@@ -340,14 +344,7 @@ class RelayConfig:
 
 def load_relay_config(path: str | os.PathLike[str]) -> RelayConfig:
     """Read, expand and validate a relay config file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(str(path), "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(str(path), f"cannot read: {reason}") from None
-    return parse_relay_config(text, source=str(path))
+    return parse_relay_config(read_config_text(path), source=str(path))
 
 
 def is_relay_config(path: str | os.PathLike[str]) -> bool:

@@ -33,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -47,6 +45,7 @@ from memagent.fanout import Fanout, Outlet
 from memagent.options import Options
 from memagent.registry import find, load
 from memagent.reload import build_outlet
+from memagent.runtime import under_signals
 
 log = logging.getLogger("memagent.relay")
 T = TypeVar("T")
@@ -207,38 +206,6 @@ def build(config: RelayConfig) -> Relay:
 
 async def run_until_signalled(relay: Relay, duration: float | None = None) -> None:
     """Run ``relay``: the first SIGINT/SIGTERM stops it gracefully, a second exits at once, SIGHUP
-    reopens sinks' files."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    stops: list[int] = []
-
-    def on_stop(signum: int) -> None:
-        stops.append(signum)
-        if len(stops) == 1:
-            stop.set()
-            return
-        queued = sum(o.queued for o in relay.fanout.outlets) if relay.fanout is not None else 0
-        log.error("second %s: exiting now; %d queued records are lost", signal.Signals(signum).name, queued)
-        logging.shutdown()
-        os._exit(1)
-
-    handled: list[tuple[int, Any]] = []
-    for signum, handler, args in ((signal.SIGINT, on_stop, (signal.SIGINT,)),
-                                  (signal.SIGTERM, on_stop, (signal.SIGTERM,)),
-                                  (signal.SIGHUP, relay.reopen, ())):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            previous = signal.getsignal(signum)
-            loop.add_signal_handler(signum, handler, *args)
-            handled.append((signum, previous))
-    timer = loop.call_later(duration, stop.set) if duration is not None else None
-    try:
-        await relay.run(stop)
-    finally:
-        if timer is not None:
-            timer.cancel()
-        for handled_signum, previous in handled:
-            loop.remove_signal_handler(handled_signum)
-            if handled_signum == signal.SIGHUP:  # never back to SIGHUP's default action (terminate)
-                signal.signal(handled_signum, signal.SIG_IGN)
-            elif previous is not None:
-                signal.signal(handled_signum, previous)
+    reopens sinks' files (the agent's handling: :func:`memagent.runtime.under_signals`)."""
+    await under_signals(relay.run, on_hup=relay.reopen, duration=duration,
+                        queued=lambda: sum(o.queued for o in relay.fanout.outlets) if relay.fanout else 0)

@@ -24,6 +24,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,7 +268,17 @@ def build(config: Config) -> Agent:
 
 async def run_until_signalled(agent: Agent, *, once: bool = False, duration: float | None = None) -> None:
     """Run ``agent``: the first SIGINT/SIGTERM stops it gracefully, a second exits at once,
-    SIGHUP reopens sinks (see the module docstring)."""
+    SIGHUP reopens sinks and reloads (see the module docstring)."""
+    await under_signals(lambda stop: agent.run(stop, once=once), on_hup=agent.on_sighup,
+                        queued=lambda: sum(o.queued for o in agent.fanout.outlets), duration=duration)
+
+
+async def under_signals(work: Callable[[asyncio.Event], Awaitable[None]], *, on_hup: Callable[[], None],
+                        queued: Callable[[], int], duration: float | None = None) -> None:
+    """Run ``work(stop)`` with the agent's signal handling (an agent's run, a relay's): the first
+    SIGINT/SIGTERM sets ``stop``, a second exits at once (exit 1, saying how many ``queued``
+    records are lost), SIGHUP calls ``on_hup``; ``duration`` sets ``stop`` after that many seconds.
+    Afterwards SIGINT/SIGTERM get their previous handling back and SIGHUP stays ignored."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     stop_signals: list[int] = []
@@ -277,22 +288,21 @@ async def run_until_signalled(agent: Agent, *, once: bool = False, duration: flo
         if len(stop_signals) == 1:
             stop.set()
             return
-        queued = sum(o.queued for o in agent.fanout.outlets)
-        log.error("second %s: exiting now; %d queued records are lost", signal.Signals(signum).name, queued)
+        log.error("second %s: exiting now; %d queued records are lost", signal.Signals(signum).name, queued())
         logging.shutdown()
         os._exit(1)
 
     handled: list[tuple[int, Any]] = []
     for signum, handler, args in ((signal.SIGINT, on_stop, (signal.SIGINT,)),
                                   (signal.SIGTERM, on_stop, (signal.SIGTERM,)),
-                                  (signal.SIGHUP, agent.on_sighup, ())):
+                                  (signal.SIGHUP, on_hup, ())):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             previous = signal.getsignal(signum)
             loop.add_signal_handler(signum, handler, *args)
             handled.append((signum, previous))
     timer = loop.call_later(duration, stop.set) if duration is not None else None
     try:
-        await agent.run(stop, once=once)
+        await work(stop)
     finally:
         if timer is not None:
             timer.cancel()

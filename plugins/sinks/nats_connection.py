@@ -42,6 +42,7 @@ from nats.aio.client import Client, Server
 
 from memagent.errors import ConfigError
 from memagent.options import Options
+from memagent.plugins.sinks.client_tls import client_context, tls_keys
 from memagent.plugins.sinks.listener_security import REDACTED, Redactor, is_loopback
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
@@ -153,24 +154,10 @@ def _check_server(server: str, key: str) -> str:
 def _tls_context(options: Options, tls_scheme: bool) -> ssl.SSLContext | None:
     """A client TLS context when a server is ``tls://`` or a TLS key is given: the system's CAs
     or ``ca_file``, a client certificate if given; certificates and host names always verified."""
-    ca_file = options.string("ca_file", None, nonempty=True)
-    client_cert = options.string("client_cert", None, nonempty=True)
-    client_key = options.string("client_key", None, nonempty=True)
+    ca_file, client_cert, client_key = tls_keys(options)
     if not tls_scheme and ca_file is None and client_cert is None and client_key is None:
         return None
-    if (client_cert is None) != (client_key is None):
-        raise ConfigError(options.key("client_key" if client_key is None else "client_cert"),
-                          "client_cert and client_key go together")
-    try:
-        context = ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(options.key("ca_file"), f"cannot load: {exc}") from None
-    if client_cert is not None:
-        try:
-            context.load_cert_chain(client_cert, client_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(options.key("client_cert"), f"cannot load: {exc}") from None
-    return context
+    return client_context(options, ca_file, client_cert, client_key)
 
 
 def _describe(exc: BaseException) -> str:

@@ -46,6 +46,7 @@ from typing import ClassVar
 from memagent.contracts import Record, SinkContext, declare_counters
 from memagent.errors import ConfigError, SinkError, SinkRejected
 from memagent.options import Options
+from memagent.plugins.sinks.client_tls import client_context, tls_keys
 from memagent.plugins.sinks.listener_security import REDACTED, Redactor, is_loopback, redact
 from memagent.plugins.sinks.otlp_http import Answer, Endpoint, Poster, retry_after
 from memagent.record_types import printable
@@ -307,26 +308,12 @@ def _headers(options: Options) -> dict[str, str]:
 def _tls_context(options: Options, endpoint: Endpoint) -> ssl.SSLContext | None:
     """The client TLS context for an https endpoint: the system's CAs or ``ca_file``, and a
     client certificate if given; certificates and host names are always verified."""
-    ca_file = options.string("ca_file", None, nonempty=True)
-    client_cert = options.string("client_cert", None, nonempty=True)
-    client_key = options.string("client_key", None, nonempty=True)
+    ca_file, client_cert, client_key = tls_keys(options)
     given = [name for name, value in (("ca_file", ca_file), ("client_cert", client_cert),
                                       ("client_key", client_key)) if value is not None]
     if not endpoint.https:
         if given:
             raise ConfigError(options.key(given[0]), "needs an https:// endpoint")
         return None
-    if (client_cert is None) != (client_key is None):
-        missing = "client_key" if client_key is None else "client_cert"
-        raise ConfigError(options.key(missing), "client_cert and client_key go together")
-    try:
-        context = ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(options.key("ca_file"), f"cannot load: {exc}") from None
-    if client_cert is not None:
-        try:
-            context.load_cert_chain(client_cert, client_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(options.key("client_cert"), f"cannot load: {exc}") from None
-    return context
+    return client_context(options, ca_file, client_cert, client_key)
 
