@@ -96,6 +96,7 @@ from memagent.plugins.backends.linux_cgroups import (
     memory_cgroup,
 )
 from memagent.plugins.backends.linux_oom import KernelLog, OomWitness, in_initial_pid_namespace
+from memagent.plugins.backends.malformed import MalformedFiles
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class LinuxBackend:
         self._listings = 0
         self._users: dict[int, str] = {}
         self.counters = {"malformed": 0}
-        self._malformed_episode = False
+        self._malformed = MalformedFiles(self.counters, log, "procfs", "those processes are not watched")
         if open_now:
             self.open()
 
@@ -489,7 +490,7 @@ class LinuxBackend:
             known[name] = info
             inode = inodes[name]
             last[name] = _UNTRUSTED if inode == _UNKNOWN_INODE else inode
-        self._count_malformed(malformed)
+        self._malformed.note(malformed)
         return list(known.values())
 
     def _drop(self, name: str) -> None:
@@ -497,16 +498,6 @@ class LinuxBackend:
         self._inodes.pop(name, None)
         if self._known.pop(name, None) is not None:
             self._turns[int(name) % RESTAT_EVERY].discard(name)
-
-    def _count_malformed(self, paths: list[str]) -> None:
-        """Count unparsable files; one warning per episode (listings in a row that find some)."""
-        self.counters["malformed"] += len(paths)
-        if paths and not self._malformed_episode:
-            log.warning("linux backend: %d procfs file(s) could not be parsed, e.g. %s; those processes "
-                        "are not watched (counted as backend.malformed)", len(paths), paths[0])
-        elif not paths and self._malformed_episode:
-            log.info("linux backend: every procfs file parses again")
-        self._malformed_episode = bool(paths)
 
     # -- sampling --------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from memagent.contracts import CgroupStats, Container, MemoryCgroup
+from memagent.plugins.backends.malformed import MalformedFiles
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class CgroupReader:
         self._held: dict[MemoryCgroup, _Held] = {}
         self.held_fds = 0
         self._pruned_at = time.monotonic()
-        self._malformed_episode = False
+        self._malformed = MalformedFiles(counters, log, "cgroup", "their fields are left out")
         # the v2 hierarchy: at the root (a v2 host), or at unified/ (a hybrid host)
         unified = os.path.join(self.root, "unified")
         hybrid = (not os.path.exists(os.path.join(self.root, "cgroup.controllers"))
@@ -348,7 +349,7 @@ class CgroupReader:
             if oom_kill is not None:
                 self._saw_oom_kills(cgroup, oom_kill, now)
             found[cgroup] = stats
-        self._malformed(problems)
+        self._malformed.note(problems)
         return found
 
     def _stats(self, cgroup: MemoryCgroup, held: _Held, *, problems: list[str]) -> CgroupStats:
@@ -414,16 +415,6 @@ class CgroupReader:
             problems.append(f"{self.directory(cgroup)}/{name}")
             return None
         return None if value is None or value >= V1_UNLIMITED else value
-
-    def _malformed(self, problems: list[str]) -> None:
-        """Count files that did not parse; one warning per episode (reads in a row with some)."""
-        self._counters["malformed"] = self._counters.get("malformed", 0) + len(problems)
-        if problems and not self._malformed_episode:
-            log.warning("linux backend: %d cgroup file(s) could not be parsed, e.g. %s; their "
-                        "fields are left out (counted as backend.malformed)", len(problems), problems[0])
-        elif not problems and self._malformed_episode:
-            log.info("linux backend: every cgroup file reads again")
-        self._malformed_episode = bool(problems)
 
     def _prune(self, now: float) -> None:
         self._pruned_at = now

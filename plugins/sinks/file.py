@@ -104,16 +104,11 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
     def __init__(self, *, path: str, context: SinkContext, mode: int = 0o640, dir_mode: int = 0o750,
                  rotate_size: int | None = None, rotate_interval: float | None = None, keep: int = 10,
                  compress: bool = False, fsync: str = "interval", fsync_interval: float = 1.0) -> None:
-        self.template = path
-        self.context = context
-        self.mode = mode
-        self.dir_mode = dir_mode
-        self.rotate_size = rotate_size
-        self.rotate_interval = rotate_interval
-        self.keep = keep
-        self.compress = compress
-        self.fsync = fsync
-        self.fsync_interval = fsync_interval
+        self.template, self.context = path, context
+        self.mode, self.dir_mode = mode, dir_mode  # of the files and directories it creates
+        self.rotate_size, self.rotate_interval = rotate_size, rotate_interval
+        self.keep, self.compress = keep, compress
+        self.fsync, self.fsync_interval = fsync, fsync_interval
         self.path = ""
         self._file: Any = None
         self._directory: int | None = None  # descriptor of the live file's directory, held

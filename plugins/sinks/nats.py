@@ -96,14 +96,9 @@ stream = "MEMAGENT"         # JetStream: acked, deduplicated (Nats-Msg-Id = run:
     def __init__(self, *, context: SinkContext, connection: ConnectionOptions, template: SubjectTemplate,
                  stream: StreamOptions | None = None, ack_timeout: float = 5.0,
                  max_inflight: int = 256) -> None:
-        self.context = context
-        self.log = context.log
-        self.counters = context.counters
-        self.connection_options = connection
-        self.template = template
-        self.stream = stream
-        self.ack_timeout = ack_timeout
-        self.max_inflight = max_inflight
+        self.context, self.log, self.counters = context, context.log, context.counters
+        self.connection_options, self.template, self.stream = connection, template, stream
+        self.ack_timeout, self.max_inflight = ack_timeout, max_inflight
         self.connection: Connection | None = None
         self._js: JetStreamContext | None = None
         self._stream_checked = False

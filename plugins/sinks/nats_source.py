@@ -128,13 +128,9 @@ class NatsSource:
     def __init__(self, *, connection: ConnectionOptions, log: logging.Logger, stream: str | None,
                  subject: str | None, consumer: str | None, start: dict[str, Any], start_text: str,
                  fetch: int = 256, queue: int = 10_000) -> None:
-        self.options = connection
-        self.log = log
-        self.stream = stream
-        self.subject = subject
-        self.consumer = consumer
-        self.start_fields = start
-        self.start_text = start_text
+        self.options, self.log = connection, log
+        self.stream, self.subject, self.consumer = stream, subject, consumer  # what to read
+        self.start_fields, self.start_text = start, start_text  # where to begin
         self.fetch = fetch
         self.counters: dict[str, int] = {}
         declare_counters(self.counters, "relayed", "malformed", "redelivered", "consumers_created",

@@ -104,14 +104,9 @@ endpoint = "http://127.0.0.1:4318/v1/metrics"   # a Collector's OTLP/HTTP receiv
                  encoding: str = "protobuf", compression: str = "gzip", timeout: float = 10.0,
                  tls: ssl.SSLContext | None = None, max_retry_after: float = 30.0,
                  max_processes: int = 16_384) -> None:
-        self.context = context
-        self.log = context.log
-        self.counters = context.counters
-        self.endpoint = endpoint
-        self.encoding = encoding
-        self.compression = compression
-        self.timeout = timeout
-        self.max_retry_after = max_retry_after
+        self.context, self.log, self.counters = context, context.log, context.counters
+        self.endpoint, self.encoding, self.compression = endpoint, encoding, compression
+        self.timeout, self.max_retry_after = timeout, max_retry_after
         self.version = _version()
         self.encoder = Encoder(version=self.version, max_processes=max_processes)
         headers = dict(headers or {})
