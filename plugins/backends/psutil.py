@@ -25,18 +25,9 @@ from typing import Any, ClassVar
 
 from memagent.contracts import Failure, Gone, Identity, ProcessInfo, Reading, SampleResult, cap_cmdline
 from memagent.options import Options
+from memagent.record_types import PLATFORM_FIELDS
 
-PLATFORM_FIELDS: dict[str, tuple[str, ...]] = {
-    "linux": ("shared", "text", "lib", "data", "dirty"),
-    "darwin": ("pfaults", "pageins"),
-    "freebsd": ("text", "data", "stack"),
-    "openbsd": ("text", "data", "stack"),
-    "netbsd": ("text", "data", "stack"),
-    "sunos": (),
-    "aix": (),
-    "windows": ("num_page_faults", "peak_wset", "wset", "peak_paged_pool", "paged_pool",
-                "peak_nonpaged_pool", "nonpaged_pool", "pagefile", "peak_pagefile", "private"),
-}
+# the seed's per-OS fields: one table, the record schema's
 FULL_FIELDS = ("uss", "pss", "swap")
 #: seed field → the name a newer psutil gives the same counter (giampaolo/psutil PR #2737)
 RENAMED: dict[str, dict[str, str]] = {
