@@ -8,6 +8,8 @@ JetStream stream holds.
 - :class:`NatsCluster` is three of them routed into one JetStream cluster.
 - :func:`stream_records` reads a whole stream (every stored message, its stream sequence and its
   ``Nats-Msg-Id``); :func:`assert_exactly_once` checks it against what the agents made.
+- :func:`relay_serving` runs ``memagent relay`` (:data:`RELAY_TO_WEBSOCKET`: the whole stream to a
+  WebSocket feed that keeps all of it) and hands back its feed id and port once it serves.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import signal
 import subprocess
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,8 @@ import nats
 import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cli_helpers import AgentProcess, scaled, system_tool, wait_for
-from ws_helpers import free_port
+from cli_helpers import MEMAGENT, AgentProcess, scaled, system_tool, wait_for
+from ws_helpers import feed_port, free_port
 
 #: The stream the agents of the end-to-end tests create and publish to.
 STREAM = "MEMAGENT"
@@ -270,3 +273,32 @@ def stop_agents(started: Iterable[tuple[AgentProcess, Path]]) -> list[dict[str, 
         assert nats_stats["dropped"] == 0, (nats_stats, finished.stderr)
         made.extend(records)
     return made
+
+
+#: ``memagent relay``: the whole of :data:`STREAM` (``start = "all"``) to a WebSocket feed that keeps
+#: all of it, so a client connecting with ``?since=<feed>:0`` (or the dashboard) gets every record.
+RELAY_TO_WEBSOCKET = """
+[relay]
+servers = ["{url}"]
+stream = "{stream}"
+start = "all"
+[[sinks]]
+type = "websocket"
+port = 0
+replay = 100000
+replay_bytes = "256MiB"
+client_queue = 100000
+client_queue_bytes = "256MiB"
+"""
+
+#: The relay's log line once it feeds its sinks: group 1 is the feed id.
+FEED = r"relay: feed ([0-9a-f]{16}) to sinks"
+
+
+@contextmanager
+def relay_serving(config: Path) -> Iterator[tuple[AgentProcess, str, int]]:
+    """``memagent relay CONFIG`` in the background, once its WebSocket sink serves: the process,
+    the feed id and the feed's port. Killed at the end of the block unless stopped before."""
+    with AgentProcess([*MEMAGENT, "relay", str(config)]) as relay:
+        feed = relay.wait_for_stderr(FEED).group(1)
+        yield relay, feed, feed_port(relay)

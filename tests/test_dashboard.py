@@ -1,5 +1,7 @@
 """The dashboard (GET /dashboard) in Debian's Chromium against the real CLI: what it chooses to
-draw, the table, hover, restarts, auth, lag and gaps, a narrow dark screen, filters.
+draw, the table, hover, restarts, auth, lag and gaps, a narrow dark screen, filters; and on a
+relay's feed (real nats-server, agents and ``memagent relay``): many hosts, the host selector, loss
+per (host, run).
 
 Each test saves screenshots of the states it reaches into its own tmp_path (printed as
 ``screenshot: <path>``; ``pytest -s`` shows them), never into the repository.
@@ -7,6 +9,9 @@ Each test saves screenshots of the states it reaches into its own tmp_path (prin
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import itertools
 import os
 import re
 import subprocess
@@ -14,12 +19,24 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import nats
+import orjson
 import pytest
 
 from cli_helpers import READY_THEN_WAIT, run_agent, scaled, spawn_ready, stop_child, system_tool
+from nats_helpers import (
+    RELAY_TO_WEBSOCKET,
+    STREAM,
+    NatsServer,
+    nats_server_binary,
+    relay_serving,
+    stop_agents,
+)
 from ws_helpers import CHROMIUM_ARGS, agent_run, feed_port, free_port
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -372,7 +389,8 @@ def test_narrow_dark_screen_and_live_filters(write_config: Callable[[str], Path]
             page.shot("filtered")
             page.page.fill("#target", "")
             page.until("(pid) => memagent.process(pid).v.slice(-3).every(v => v !== null) && "
-                       "memagent.process(pid).v.includes(null)", kid.pid)
+                       "memagent.process(pid).v.includes(null) && memagent.state().checking", kid.pid)
+            widened = page.js("memagent.state()")
     finally:
         stop_child(kid)
 
@@ -385,6 +403,7 @@ def test_narrow_dark_screen_and_live_filters(write_config: Callable[[str], Path]
     assert "unknown target “nope”" in rejected_target and "a, b, me" in rejected_target
     assert "pid “abc” is not a process id" in rejected_pid
     assert kept == first_point, "a filter keeps the history already received"
+    assert widened["missing"] == 0, "what a narrowed feed left out is not missing"
     assert page.unexpected_errors() == []
 
 
@@ -414,4 +433,188 @@ def test_lag_and_gap_are_told_and_break_the_lines(
     assert "lagging:" in events and "records dropped for this page" in events
     assert re.search(r"gap: \d+ records? \(1–\d+\) were no longer buffered", events), events
     assert "agent restarted" in events
+    assert page.unexpected_errors() == []
+
+
+# -- a relay's feed: many hosts on one page ---------------------------------------------------------
+
+HOSTS = ("web-1.example.com", "web-2", "db-1")
+
+
+def relayed_agent(host: str, url: str, file: Path, marker: str) -> str:
+    """An agent named ``host`` sampling itself and the child whose command line holds ``marker``
+    (the same process, the same pid, seen by every agent) every 200 ms, publishing to JetStream
+    (the stream created by whichever agent comes first) and writing what it made to ``file``."""
+    return f"""
+[agent]
+interval = "200ms"
+hostname = "{host}"
+stats_interval = "1s"
+[[targets]]
+name = "me"
+self = true
+[[targets]]
+name = "kid"
+cmdline = "{marker}"
+[[sinks]]
+type = "nats"
+servers = ["{url}"]
+stream = "{STREAM}"
+create_stream = true
+ack_timeout = "2s"
+reconnect_wait = "100ms"
+queue = 100000
+[[sinks]]
+type = "file"
+path = "{file}"
+"""
+
+
+def host_rows(tab: Tab) -> list[tuple[str, int]]:
+    """(host, pid) of the table's visible rows, the host read from its column."""
+    rows: list[list[Any]] = tab.js("""(rows) => [...document.querySelectorAll(rows)]
+        .map(r => [r.querySelector('td.host-col').textContent, Number(r.dataset.pid)])""", VISIBLE_ROWS)
+    return [(host, pid) for host, pid in rows]
+
+
+def test_a_relay_shows_every_host_and_the_host_selector_narrows_to_one(
+        write_config: Callable[[str], Path], tab: Callable[..., Tab], tmp_path: Path) -> None:
+    """Three agents (three hostnames) publish to JetStream and `memagent relay` serves them: the
+    page lists the three hosts in its host selector and a host column, draws each host's lines,
+    keeps one line per (host, pid) for the child all three sample (same pid), and has every seq of
+    every (host, run) from 1, no gap, no hole. Choosing a host draws only its processes and narrows
+    the server's feed to it; "all hosts" brings the others back, their records of the meantime
+    not counted as missing. In the end each (host, run) reached the page up to the agent's last seq."""
+    nats_server_binary()
+    marker = f"memagent-test-shared-{uuid.uuid4().hex[:8]}"
+    page = tab()
+    kid = spawn_ready(READY_THEN_WAIT, marker)
+    try:
+        with NatsServer(tmp_path).start() as server, ExitStack() as stack:
+            started = []
+            for host in HOSTS:
+                file = tmp_path / f"{host}.ndjson"
+                config = write_config(relayed_agent(host, server.url, file, marker))
+                started.append((stack.enter_context(run_agent(config)), file))
+            agents = {host: agent.pid for host, (agent, _) in zip(HOSTS, started, strict=True)}
+            relay_config = write_config(RELAY_TO_WEBSOCKET.format(url=server.url, stream=STREAM))
+            relay, feed, port = stack.enter_context(relay_serving(relay_config))
+            page.open(port)
+            page.until("memagent.state().hosts === 3 && "
+                       "Object.values(memagent.hosts()).every(h => h.drawn >= 2)")
+            page.until("(pid) => memagent.drawn().filter(p => p.pid === pid).length === 3 && document"
+                       ".getElementById('agent-line').textContent.includes('agents on 3 hosts')", kid.pid)
+            options = page.js("[...document.querySelectorAll('#host option')].map(o => o.value)")
+            selector_shown = page.js("!document.getElementById('host-box').hidden")
+            kid_lines = page.js("(pid) => memagent.drawn().filter(p => p.pid === pid)", kid.pid)
+            rows = host_rows(page)
+            whole = page.js("memagent.hosts()")
+            state = page.js("memagent.state()")
+            status, footer = page.text("#status"), page.text("#agent-line")
+            page.shot("relay-three-hosts", full_page=True)
+
+            page.page.select_option("#host", "web-2")
+            page.until("memagent.drawn().length >= 2 && memagent.drawn().every(p => p.host === 'web-2')")
+            narrowed_rows = host_rows(page)
+            # narrowed on the server: web-1's agent gets no more samples while web-2's gets five more
+            page.until("""([one, two]) => {
+                const a = memagent.process(one, 'web-1.example.com').t, b = memagent.process(two, 'web-2').t;
+                return b.filter(t => t > a[a.length - 1]).length >= 5 && memagent.state().checking;
+            }""", [agents["web-1.example.com"], agents["web-2"]])
+            address = page.page.url
+            page.shot("relay-one-host")
+            newest = "([pid, host]) => memagent.process(pid, host).t.at(-1)"
+            others = [[host, pid, page.js(newest, [pid, host])]
+                      for host, pid in agents.items() if host != "web-2"]
+
+            page.page.select_option("#host", "")
+            page.until("""(others) => memagent.state().checking && memagent.state().host === null
+                && others.every(([host, pid, since]) =>
+                    memagent.process(pid, host).t.filter(t => t > since).length >= 5)""", others)
+            made = stop_agents(started)
+            last = {(r["host"], r["run"]): r["seq"] for r in made}
+            page.until("""(last) => last.every(([host, run, seq]) =>
+                ((memagent.hosts()[host] || {runs: {}}).runs[run] || {}).last === seq)""",
+                       [[host, run, seq] for (host, run), seq in last.items()], timeout=30)
+            after = page.js("memagent.state()")
+            assert relay.stop().returncode == 0
+    finally:
+        stop_child(kid)
+
+    assert options == ["", "db-1", "web-1.example.com", "web-2"] and selector_shown
+    assert sorted(p["host"] for p in kid_lines) == sorted(HOSTS), kid_lines
+    assert len({p["colour"] for p in kid_lines}) == 3, "one line, one colour, per (host, pid)"
+    assert {host for host, pid in rows if pid == kid.pid} == set(HOSTS)
+    for host in HOSTS:
+        [run] = whole[host]["runs"].values()
+        assert run["first"] == 1 and run["count"] == run["last"] and run["repeats"] == run["missing"] == 0, \
+            (host, run)
+    assert (state["lost"], state["gaps"], state["missing"]) == (0, 0, 0), state
+    assert f"3 hosts · feed {feed[:8]}" in status, status
+    assert "agents on 3 hosts" in footer and "nats dropped 0" in footer, footer
+    assert narrowed_rows and {host for host, _ in narrowed_rows} == {"web-2"}
+    assert "host=web-2" in address
+    assert (after["lost"], after["gaps"], after["missing"]) == (0, 0, 0), after
+    assert {host for host, _ in last} == set(HOSTS)
+    assert page.unexpected_errors() == []
+
+
+def handmade(host: str, run: str, seqs: list[int], begin: float) -> list[bytes]:
+    """Sample records of pid 4242 on ``host``, one a second from ``begin`` (seconds since the epoch),
+    whatever their seqs: a hole in the seqs is then the only sign of loss."""
+    return [orjson.dumps({"schema": 1, "type": "sample", "seq": seq, "run": run, "host": host,
+                          "ts": datetime.datetime.fromtimestamp(begin + i, datetime.UTC).isoformat(),
+                          "target": "t", "pid": 4242, "name": "worker", "os": "linux", "backend": "linux",
+                          "portable": {"rss": (100 + i) * 1024 * 1024, "vms": 1 << 30}})
+            for i, seq in enumerate(seqs)]
+
+
+async def publish_records(url: str, records: list[tuple[str, bytes]]) -> None:
+    """Publish ``(host, record)`` pairs to :data:`STREAM` (created if missing), as agents would."""
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(name=STREAM, subjects=["memagent.>"])
+        for host, data in records:
+            await js.publish(f"memagent.{host}.t.sample", data)
+    finally:
+        await client.close()
+
+
+def test_a_hole_in_one_hosts_seqs_is_told_for_that_host_and_run(
+        write_config: Callable[[str], Path], tab: Callable[..., Tab], tmp_path: Path) -> None:
+    """Two hosts' records of the same pid in the stream, host b's run without seqs 9-11 (lost before
+    the stream): the page keeps two lines (one per host), counts 3 missing records for (b, its run)
+    only, names them in the events, breaks b's line there; nothing is counted as a gap or lag."""
+    nats_server_binary()
+    runs = {"a": "aaaaaaaaaaaaaaaa", "b": "bbbbbbbbbbbbbbbb"}
+    begin = time.time() - 25
+    a = handmade("a", runs["a"], list(range(1, 21)), begin)
+    b = handmade("b", runs["b"], [s for s in range(1, 21) if not 9 <= s <= 11], begin)
+    interleaved = [(host, record) for pair in itertools.zip_longest(a, b)
+                   for host, record in zip("ab", pair, strict=True) if record is not None]
+    page = tab()
+    with NatsServer(tmp_path).start() as server:
+        with ThreadPoolExecutor(1) as thread:  # this thread's event loop is Playwright's
+            thread.submit(asyncio.run, publish_records(server.url, interleaved)).result(scaled(30))
+        relay_config = write_config(RELAY_TO_WEBSOCKET.format(url=server.url, stream=STREAM))
+        with relay_serving(relay_config) as (relay, _, port):
+            page.open(port)
+            page.until("memagent.state().received === 37 && memagent.drawn().length === 2")
+            hosts = page.js("memagent.hosts()")
+            state = page.js("memagent.state()")
+            lines = {host: page.js("(host) => memagent.process(4242, host).v", host) for host in runs}
+            page.until("document.getElementById('page-line').textContent.includes('3 missing')")
+            events, footer = page.text("#notices"), page.text("#page-line")
+            page.shot("relay-hole")
+            assert relay.stop().returncode == 0
+
+    assert hosts["a"]["runs"][runs["a"]] == {"run": runs["a"], "first": 1, "last": 20, "count": 20,
+                                            "repeats": 0, "missing": 0}
+    assert hosts["b"]["runs"][runs["b"]] == {"run": runs["b"], "first": 1, "last": 20, "count": 17,
+                                            "repeats": 0, "missing": 3}
+    assert (state["missing"], state["lost"], state["gaps"]) == (3, 0, 0), state
+    assert f"b: 3 records of run {runs['b'][:8]} never reached this page (seq 9–11)" in events, events
+    assert "3 missing" in footer
+    assert None in lines["b"] and None not in lines["a"], lines
     assert page.unexpected_errors() == []

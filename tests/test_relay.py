@@ -29,6 +29,8 @@ from memagent.testing import make_records, sink_context
 
 from cli_helpers import MEMAGENT, REPO, AgentProcess, run_agent, run_cli, scaled, until, wait_for
 from nats_helpers import (
+    FEED,
+    RELAY_TO_WEBSOCKET,
     STREAM,
     NatsServer,
     Stored,
@@ -247,24 +249,6 @@ async def test_the_example_server_config_lets_agents_publish_and_the_relay_read(
 # -- end to end: agents, relay, websockets client ---------------------------------------------------
 
 
-RELAY = """
-[relay]
-servers = ["{url}"]
-stream = "{stream}"
-start = "all"
-[[sinks]]
-type = "websocket"
-port = 0
-replay = 100000
-replay_bytes = "256MiB"
-client_queue = 100000
-client_queue_bytes = "256MiB"
-"""
-
-
-FEED = r"relay: feed ([0-9a-f]{16}) to sinks"
-
-
 def healthz(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
         health: dict[str, Any] = json.loads(answer.read())
@@ -306,7 +290,7 @@ async def test_relay_feeds_every_record_of_three_hosts_to_websocket_clients(
             config = write_config(agent_config(host, [server.url], file))
             started.append((stack.enter_context(run_agent(config)), file))
         await asyncio.to_thread(wait_for, lambda: all(lines(file) >= 10 for _, file in started), 30)
-        config = write_config(RELAY.format(url=server.url, stream=STREAM))
+        config = write_config(RELAY_TO_WEBSOCKET.format(url=server.url, stream=STREAM))
         relay = stack.enter_context(AgentProcess([*MEMAGENT, "relay", str(config)]))
         feed = (await asyncio.to_thread(relay.wait_for_stderr, FEED)).group(1)
         port = await asyncio.to_thread(feed_port, relay)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from memagent.contracts import ProcessInfo
+from memagent.contracts import ProcessInfo, Record
 from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.sinks import websocket
@@ -73,7 +73,7 @@ async def test_filter_message_changes_the_subscription() -> None:
 
 @pytest.mark.parametrize(("query", "message", "reason"), [
     ("type=nonsense", None, "type: unknown record type 'nonsense'"),
-    ("colour=red", None, "unknown filter 'colour'; use target, pid, type, fields, since, cursor"),
+    ("colour=red", None, "unknown filter 'colour'; use host, target, pid, type, fields, since, cursor"),
     ("cursor=maybe", None, "cursor: expected true or false"),
     ("pid=abc", None, "pid: expected a list of integers"),
     ("", "this is not json", "messages must be JSON filter objects"),
@@ -212,6 +212,11 @@ async def test_since_older_than_the_buffer_says_gap() -> None:
 RUN = sink_context().run  # the run of every sink the tests start (running_sink)
 
 
+def at_position(record: Record, seq: int) -> Record:
+    """``record`` as a relay hands it on: the same bytes, ``seq`` the feed's position."""
+    return Record(seq, record.type, record.target, record.pid, record.fields, record.json)
+
+
 async def test_since_naming_this_run_resumes_like_a_bare_seq() -> None:
     """?since=<run>:<seq> with the sink's own run: exactly what a bare ?since=<seq> gets."""
     records = make_records(100)
@@ -264,7 +269,7 @@ async def test_cursor_messages_say_where_to_resume_once_caught_up() -> None:
     run and position; resuming from it misses nothing and repeats nothing. A relay's records keep
     their agents' seq: the cursor is the feed's position, not theirs."""
     maker = RecordMaker(host="h", os_name="linux", backend="fake", tags={}, run="aaaaaaaaaaaaaaaa")
-    relayed = [record._replace(seq=1000 + record.seq) for record in make_records(30, maker=maker)]
+    relayed = [at_position(record, 1000 + record.seq) for record in make_records(30, maker=maker)]
     async with running_sink() as sink:
         async with connect(url(sink, "cursor=1")) as client, connect(url(sink)) as plain:
             await connected(sink, 2)
@@ -277,6 +282,69 @@ async def test_cursor_messages_say_where_to_resume_once_caught_up() -> None:
     assert [m["seq"] for m in got[:10]] == list(range(1, 11))  # the agents' own seqs, as relayed
     assert got[10] == {"type": "cursor", "since": f"{RUN}:1010"}
     assert [m["seq"] for m in rest[:20]] == list(range(11, 31)) and rest[20]["since"] == f"{RUN}:1030"
+
+
+async def test_a_cursor_ahead_of_the_sink_skips_what_the_client_already_has() -> None:
+    """A client resuming ahead of a sink that starts further back (a relay restarted earlier in its
+    stream): records at or before its cursor are not sent again, whichever write brings them; the
+    first record after it follows without a gap."""
+    records = make_records(30)
+    async with running_sink() as sink, connect(url(sink, f"since={RUN}:10")) as client:
+        await connected(sink, 1)
+        await sink.write(records[:5])
+        await sink.write(records[5:])
+        got = await receive(client, 20)
+    assert [m["seq"] for m in got] == list(range(11, 31))
+
+
+async def test_host_filters_a_feed_of_many_hosts_and_keeps_same_pids_apart() -> None:
+    """?host= keeps those hosts' records (a relay's feed carries many); a filter message with host
+    and pid picks one host's process among processes with the same pid on other hosts."""
+    makers = {host: RecordMaker(host=host, os_name="linux", backend="fake", tags={}, run=run)
+              for host, run in (("web-1", "1111111111111111"), ("web-2", "2222222222222222"))}
+    first = [r for host in makers for r in make_records(3, pid=42, maker=makers[host])]
+    second = [r for host in makers for r in make_records(3, pid=42, maker=makers[host])]
+    async with running_sink() as sink, connect(url(sink, "host=web-2")) as web2, \
+            connect(url(sink, "host=web-1,web-2")) as both:
+        await connected(sink, 2)
+        await sink.write(first)
+        got_web2, got_both = await receive(web2, 3), await receive(both, 6)
+        await web2.send(json.dumps({"host": ["web-1"], "pid": [42]}))
+        [narrowed] = [c for c in sink.clients if c.subscription.hosts == {"web-2"}]
+        await until(lambda: narrowed.subscription.hosts == {"web-1"})
+        await sink.write(second)
+        switched = await receive(web2, 3)
+    assert [(m["host"], m["seq"]) for m in got_web2] == [("web-2", 1), ("web-2", 2), ("web-2", 3)]
+    assert {m["host"] for m in got_both} == {"web-1", "web-2"}
+    assert [(m["host"], m["pid"], m["seq"]) for m in switched] == [("web-1", 42, s) for s in (4, 5, 6)]
+
+
+async def test_cursor_messages_count_the_filter_messages_applied() -> None:
+    """A cursor=1 client that sends a filter message gets a cursor message saying so ("filters": 1)
+    once every record queued before it applied is sent: every record after that message is chosen by
+    the new filter. A client that never sends one gets cursor messages without "filters"."""
+    makers = [RecordMaker(host=host, os_name="linux", backend="fake", tags={}) for host in ("a", "b")]
+    made = [r for _ in range(3) for maker in makers for r in make_records(50, maker=maker)]
+    relayed = [at_position(record, position) for position, record in enumerate(made, 1)]
+    async with running_sink() as sink, connect(url(sink, "cursor=1")) as client:
+        await connected(sink, 1)
+        await sink.write(relayed[:100])
+        before = await receive(client, 101)
+        await sink.write(relayed[100:200])  # queued for the whole feed
+        await client.send(json.dumps({"host": ["b"], "cursor": True}))
+        [server_side] = sink.clients
+        await until(lambda: server_side.filters == 1)
+        await sink.write(relayed[200:])  # chosen by the new filter
+        got: list[dict[str, object]] = []
+        while not got or got[-1] != {"type": "cursor", "since": f"{RUN}:300", "filters": 1}:
+            got.extend(await receive(client, 1))
+    assert before[-1] == {"type": "cursor", "since": f"{RUN}:100"}
+    told = next(i for i, m in enumerate(got) if m.get("filters") == 1)
+    samples = [(m["host"], m["seq"]) for m in got if m["type"] == "sample"]
+    assert samples == [*((h, s) for h in "ab" for s in range(51, 101)), *(("b", s) for s in range(101, 151))]
+    assert all(m["type"] == "cursor" or m["host"] == "b" for m in got[told:]), "an old filter's record after"
+    queued_before = [i for i, m in enumerate(got) if m["type"] == "sample" and m["seq"] <= 100]
+    assert len(queued_before) == 100 and max(queued_before) < told, "the cursor came before old records"
 
 
 @pytest.mark.parametrize("since", ["abc", "-1", "r!n:3", "1,2", "run:", ":5", "1" * 20, "x" * 65 + ":1"])

@@ -25,15 +25,27 @@ knows command lines), ``max_clients`` (503 before the handshake), and, once conn
   between. Another run (the agent restarted): ``{"type": "run", "run": <this run>, "previous":
   <its run>}``, then the whole buffer as above from seq 0 (a ``gap`` from 1 if the buffer no longer
   starts there), so a restart loses nothing the server still holds. A bare ``?since=<seq>`` is read
-  as a seq of this run. A cursor this sink has not reached yet (a sink new since a reload) is
-  checked against the first record that follows: a ``gap`` if records were skipped. Control
-  messages (``run``, ``gap``, ``lag``) are never dropped: they are kept apart from the record queue
-  and sent before it.
+  as a seq of this run. A cursor this sink has not reached yet (a sink new since a reload, a relay
+  restarted further back in its stream) is checked against the first record after it: a ``gap``
+  if records were skipped; records at or before it are not sent again. Control messages
+  (``run``, ``gap``, ``lag``) are never dropped: they are kept apart from the record queue and
+  sent before it.
 - The position is the feed's: ``context.run`` and :attr:`Record.seq`. On an agent they are the
   records' own ``run`` and ``seq``; on a relay the feed id and the source's position, while the
   records keep their agents' ``run`` and ``seq``. A client that asks (``cursor=1``) is told it: a
   ``{"type": "cursor", "since": "<run>:<seq>"}`` message each time it has caught up after getting
-  records (after them, never before), to resume from as it is.
+  records (after them, never before), to resume from as it is. Once the client has sent filter
+  messages, its cursor messages also say how many (``"filters": n``) and one comes (once caught
+  up) after each: every record after that message was chosen by its n-th filter (or a later one),
+  none by an older one — what a client needs to tell a hole its new filter made from records lost.
+- A relay's feed carries many hosts (``?host=`` narrows it). What resuming guarantees there is
+  the same, in the feed's positions (the stream sequence): every buffered record after the cursor,
+  whichever host made it, once, in feed order, so each (``host``, ``run``) gets its records in
+  ``seq`` order with a hole only where a ``gap`` or ``lag`` message says so, or where the relay
+  never had the records (lost upstream: the dashboard counts those per run). A ``since`` naming an
+  agent's run (a record's own ``run:seq``) is not a position in a relay's feed: it is answered as
+  another run (a ``run`` message, then the whole buffer). Positions a relay never relays (other
+  subjects, malformed messages) also fall in a ``gap``'s range: there it is an upper bound.
 - Bad filters, in the query string or a client message, close that client with 1008 and a reason;
   oversized messages close it with 1009 (``max_size``). The server and other clients carry on.
 - ``close`` is the listener's: bounded (about 2 × ``CLOSE_GRACE``) whatever the clients do.
@@ -105,6 +117,7 @@ class Client:
         self.resume_after: int | None = None  # a since this sink had not reached: checked on the next write
         self.cursor: bytes | None = None  # the position after the last record queued (cursor=1 clients)
         self.cursor_sent: bytes | None = None
+        self.filters = 0  # filter messages applied: told in cursor messages once there is one
         self.ready = asyncio.Event()
         self.dropped_unreported = 0
         self.dropped_since_caught_up = 0
@@ -268,24 +281,38 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
         same projection share each projected record."""
         self._remember(batch)
         projections: Projections = {}
-        cursor = self._cursor() if batch else None
+        cursors: dict[int, bytes] = {}  # by filters applied: one encoding each per write
         for client in list(self.clients):
-            if client.resume_after is not None and batch:
-                if batch[0].seq > client.resume_after + 1:
-                    client.tell(_gap(client.resume_after + 1, batch[0].seq - 1))
-                client.resume_after = None
+            records = self._resumed(client, batch) if client.resume_after is not None else batch
             sub = client.subscription
             offered = False
-            for record in batch:
+            for record in records:
                 if sub.wants(record):
                     client.offer(sub.encode(record, projections))
                     offered = True
             if offered and sub.cursor:
+                if (cursor := cursors.get(client.filters)) is None:
+                    cursor = cursors[client.filters] = self._cursor(client.filters)
                 client.cursor = cursor
             if client.dropped_since_caught_up > self.disconnect_after:
                 self._drop_slow(client)
         drops = sum(c.dropped for c in self.clients)
         self.context.counters["client_drops"] = self._closed_drops + drops
+
+    @staticmethod
+    def _resumed(client: Client, batch: Sequence[Record]) -> Sequence[Record]:
+        """The records of ``batch`` after the cursor of a client that resumed ahead of this sink:
+        those at or before it are not sent again; the first one after it says whether records
+        were skipped (a ``gap``), and then the client is resumed."""
+        after = client.resume_after
+        assert after is not None
+        for index, record in enumerate(batch):
+            if record.seq > after:
+                if record.seq > after + 1:
+                    client.tell(_gap(after + 1, record.seq - 1))
+                client.resume_after = None
+                return batch[index:]
+        return ()
 
     def _remember(self, batch: Sequence[Record]) -> None:
         """Keep the batch in the replay buffer, evicting the oldest past either bound; keep the
@@ -296,8 +323,13 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
             if record.type == "start" or record.type == "exit":
                 self._track_start(record)
 
-    def _cursor(self) -> bytes:
-        return orjson.dumps({"type": "cursor", "since": f"{self.run}:{self.last_seq}"})
+    def _cursor(self, filters: int = 0) -> bytes:
+        """A cursor message; ``filters``: how many filter messages the client's feed reflects (said
+        only once it sent one, so a client that never does gets the same bytes as before)."""
+        since = f"{self.run}:{self.last_seq}"
+        if filters:
+            return orjson.dumps({"type": "cursor", "since": since, "filters": filters})
+        return orjson.dumps({"type": "cursor", "since": since})
 
     def _track_start(self, record: Record) -> None:
         fields = record.fields
@@ -347,6 +379,7 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
                     self.context.counters["bad_filters"] += 1
                     await connection.close(CLOSE_POLICY, str(exc)[:120])
                     return
+                self._applied(client)
         except ConnectionClosed:
             pass
         finally:
@@ -357,6 +390,14 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
                 self.clients.discard(client)
                 self._closed_drops += client.dropped
             self.context.counters["clients"] = len(self.clients)
+
+    def _applied(self, client: Client) -> None:
+        """A filter message now applies to ``client``: a cursor=1 client is told so in its next
+        cursor message (``filters``), which comes once everything queued before is sent."""
+        client.filters += 1
+        if client.subscription.cursor and client.resume_after is None:
+            client.cursor = self._cursor(client.filters)
+            client.ready.set()
 
     def _replay_to(self, client: Client, since: Cursor | None) -> None:
         """Queue what the client missed after ``since``: a ``run`` message if it names another run

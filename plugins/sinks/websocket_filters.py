@@ -1,8 +1,10 @@
 """Per-client subscriptions of the WebSocket feed: which records, which fields, from where.
 
-A subscription comes from the query string (``?target=api&type=sample&fields=portable``) or from a
-JSON message (``{"target": ["api"], "pid": [42], "type": ["sample"], "fields": ["portable"]}``).
-``host`` keeps the records of those hosts: a relay's feed (``memagent relay``) carries many.
+A subscription comes from the query string (``?host=web-1&target=api&type=sample&fields=portable``)
+or from a JSON message (``{"host": ["web-1"], "target": ["api"], "pid": [42], "type": ["sample"],
+"fields": ["portable"]}``). ``host`` keeps the records of those hosts: a relay's feed (``memagent
+relay``) carries many, an agent's one. ``pid`` is a pid on any host: pair it with ``host`` on a
+relay's feed.
 Lists in the query string are comma-separated. Anything malformed raises :class:`BadFilter`, whose
 message is fit to send as a close reason (<= 123 bytes).
 
@@ -32,10 +34,9 @@ import orjson
 from memagent.contracts import Record
 from memagent.record_types import record_types
 
-FILTER_KEYS = ("target", "pid", "type", "fields", "since", "cursor")
-#: Accepted like FILTER_KEYS, but not yet named in the unknown-filter reason (which a test pins
-#: word for word): ``host``, for a relay's feed of many hosts.
-MORE_FILTER_KEYS = ("host",)
+#: Every filter a client may give, in the order the unknown-filter reason names them (``token`` is
+#: the listener's, accepted beside them).
+FILTER_KEYS = ("host", "target", "pid", "type", "fields", "since", "cursor")
 ALWAYS_KEPT = ("seq", "type")
 RUN_NAME = re.compile(r"[0-9A-Za-z_-]{1,64}")  # a run id is 16 hex digits; bounded, printable
 SINCE_FORMS = "since: expected <run>:<seq> or <seq>, seq >= 0"
@@ -113,7 +114,7 @@ def _ints(key: str, value: Any) -> list[int]:
 
 def subscription(raw: Mapping[str, Any]) -> Subscription:
     """Validate a filter mapping (from a query string or a JSON message)."""
-    unknown = sorted(set(raw) - set(FILTER_KEYS) - set(MORE_FILTER_KEYS) - {"token"})
+    unknown = sorted(set(raw) - set(FILTER_KEYS) - {"token"})
     if unknown:
         raise BadFilter(f"unknown filter {unknown[0]!r}; use {', '.join(FILTER_KEYS)}")
     types = _strings("type", raw["type"]) if "type" in raw else None
