@@ -172,9 +172,10 @@ class AlertProcessor:
         return []
 
     def _evaluate(self, draft: Draft, index: int, rule: AlertRule) -> list[Draft]:
-        fields = draft.fields
-        rss = fields["portable"]["rss"]
-        key = (fields["target"], fields["pid"], fields["started"], index)
+        info, reading = draft.info, draft.reading  # set on every sample: read without making fields
+        assert info is not None and reading is not None and draft.target is not None
+        rss = reading.portable["rss"]
+        key = (draft.target, info.pid, info.started, index)
         details: dict[str, Any] = {"rss": rss}
         if rule.rss_above is not None:
             holds = rss > rule.rss_above
@@ -186,7 +187,7 @@ class AlertProcessor:
             if limit is not None:
                 details.update(threshold=threshold, limit=limit)
         else:
-            verdict = self._growth(key, rule, fields["ts"], rss)
+            verdict = self._growth(key, rule, draft.ts, rss)
             if verdict is None:
                 return []
             holds, slope = verdict
@@ -198,6 +199,7 @@ class AlertProcessor:
             self._firing.add(key)
         else:
             self._firing.discard(key)
+        fields = draft.fields
         alert = {**{k: fields[k] for k in ("target", "pid", "ppid", "name", "started", "os", "backend")},
                  "rule": rule.text, "state": "firing" if holds else "resolved", **details}
         return [self.maker.derived("alert", alert, fields["ts"], target=draft.target, pid=draft.pid)]

@@ -272,16 +272,57 @@ def protocol_members(protocol: type) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if not n.startswith("_")))
 
 
-class Record(NamedTuple):
-    """One schema-v1 record, encoded once. ``json`` is the orjson encoding of ``fields``
-    (no trailing newline), shared by every sink. Treat ``fields`` as read-only."""
+class LazyFields(Protocol):
+    """Where a :class:`Record` made without its ``fields`` dict gets it on first use."""
 
-    seq: int
-    type: str
-    target: str | None
-    pid: int | None
-    fields: Mapping[str, Any]
-    json: bytes
+    def fields_at(self, seq: int) -> dict[str, Any]:
+        """The record's fields, ``seq`` included: equal to ``orjson.loads`` of its ``json``."""
+        ...
+
+
+class Record:
+    """One schema-v1 record, encoded once. ``json`` is the orjson encoding of ``fields``
+    (no trailing newline), shared by every sink. Treat ``fields`` as read-only.
+
+    ``fields`` may be made on first use (a record sealed from bytes kept since the last tick has
+    none until a sink asks: see :meth:`memagent.records.RecordMaker.sample`); it is the same
+    mapping on every later use, and always equal to the decoded ``json``."""
+
+    __slots__ = ("seq", "type", "target", "pid", "json", "_fields", "_lazy")
+
+    def __init__(self, seq: int, type: str, target: str | None, pid: int | None,  # noqa: A002
+                 fields: Mapping[str, Any] | None, json: bytes, lazy: LazyFields | None = None) -> None:
+        if fields is None and lazy is None:
+            raise ValueError("a record needs its fields or a way to make them")
+        self.seq = seq
+        self.type = type
+        self.target = target
+        self.pid = pid
+        self.json = json
+        self._fields = fields
+        self._lazy = lazy
+
+    @property
+    def fields(self) -> Mapping[str, Any]:
+        fields = self._fields
+        if fields is None:
+            assert self._lazy is not None  # one of them is set (__init__)
+            fields = self._fields = self._lazy.fields_at(self.seq)
+            self._lazy = None
+        return fields
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record):
+            return NotImplemented
+        return (self.seq, self.type, self.target, self.pid, self.json) == \
+            (other.seq, other.type, other.target, other.pid, other.json)
+
+    def __hash__(self) -> int:
+        return hash((self.seq, self.json))
+
+    def __repr__(self) -> str:
+        return (f"Record(seq={self.seq}, type={self.type!r}, target={self.target!r}, pid={self.pid}, "
+                f"json={self.json!r})")
 
 
 @dataclass(frozen=True)

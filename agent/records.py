@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -24,19 +23,87 @@ from memagent.record_types import record_type
 
 SCHEMA_VERSION = 1
 
+#: At most this many processes' last samples are kept encoded (more: all are forgotten and made
+#: anew, so a host with more watched processes still works, only slower).
+MAX_KEPT_SAMPLES = 200_000
 
-@dataclass(slots=True)
+
 class Draft:
     """A record before its ``seq``: ``fields`` is the whole record, its ``seq`` still 0. A
     processor may read and change ``fields`` before the pipeline seals it. ``memory_cgroup``
     (never encoded) tells processors which cgroup a ``sample``'s process is in, or which one a
-    ``cgroup`` record is about."""
+    ``cgroup`` record is about.
 
-    type: str
-    target: str | None
-    pid: int | None
-    fields: dict[str, Any]
-    memory_cgroup: MemoryCgroup | None = None
+    A ``sample`` draft is made from its process's :class:`SampleSource` (``source``): ``info``,
+    ``reading`` and ``ts`` are there for processors that only read numbers, and the record's
+    ``fields`` dict is made only if someone asks for it. Until then sealing it reuses the bytes
+    kept since the process's numbers last changed: a concatenation, not an encoding. Asking for
+    ``fields`` (to change them, say) gives that up: the draft is encoded anew."""
+
+    __slots__ = ("type", "target", "pid", "memory_cgroup", "ts", "source", "_fields")
+
+    def __init__(self, type: str, target: str | None, pid: int | None,  # noqa: A002
+                 fields: dict[str, Any] | None, memory_cgroup: MemoryCgroup | None = None,
+                 ts: str = "", source: SampleSource | None = None) -> None:
+        if fields is None and source is None:
+            raise ValueError("a draft needs its fields or its sample source")
+        self.type = type
+        self.target = target
+        self.pid = pid
+        self.memory_cgroup = memory_cgroup
+        self.ts = ts
+        self.source = source
+        self._fields = fields
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        fields = self._fields
+        if fields is None:
+            assert self.source is not None  # one of them is set (__init__)
+            fields = self._fields = self.source.fields(self.ts)
+        return fields
+
+    @property
+    def fields_made(self) -> bool:
+        """Whether ``fields`` exists as a dict (asked for, or made with the draft)."""
+        return self._fields is not None
+
+    @property
+    def info(self) -> ProcessInfo | None:
+        """A sample's process (None for other types)."""
+        return self.source.info if self.source is not None else None
+
+    @property
+    def reading(self) -> Reading | None:
+        """A sample's numbers (None for other types)."""
+        return self.source.reading if self.source is not None else None
+
+    def fields_at(self, seq: int) -> dict[str, Any]:
+        """The fields of the record sealed from this draft's kept bytes (see
+        :class:`~memagent.contracts.LazyFields`): made from the same source as those bytes."""
+        assert self.source is not None  # only such drafts are sealed without fields
+        fields = self.source.fields(self.ts)
+        fields["seq"] = seq
+        return fields
+
+
+class SampleSource(NamedTuple):
+    """One process's ``sample`` record as of one reading, kept from tick to tick: the record
+    with ``seq`` 0 and an empty ``ts`` (``template``, never handed out: copied) and its
+    encoding after ``"ts":"…",`` (``body``; None if the encoding did not begin as every
+    sample's does: then each draft is encoded in full). Valid while ``info`` and ``reading``
+    are the very objects the scheduler holds (a backend hands back the same Reading when the
+    numbers did not change)."""
+
+    info: ProcessInfo
+    reading: Reading
+    template: dict[str, Any]
+    body: bytes | None
+
+    def fields(self, ts: str) -> dict[str, Any]:
+        fields = dict(self.template)
+        fields["ts"] = ts
+        return fields
 
 
 def iso_utc(epoch: float, digits: int = 6) -> str:
@@ -65,6 +132,13 @@ class RecordMaker:
         self._seq = 0
         self._pid = os.getpid()
         self._started_text: dict[float, str] = {}
+        # each watched process's last sample, encoded: see sample() and seal_all()
+        self._samples: dict[tuple[str, int], SampleSource] = {}
+        opening = orjson.dumps({"schema": SCHEMA_VERSION, "type": "sample", "seq": 0, "run": self.run,
+                                "ts": ""})
+        self._sample_opening = opening[:-1]  # '{"schema":1,…,"ts":""' without its closing brace
+        self._sample_head = opening[:opening.index(b'"seq":0') + len(b'"seq":')]
+        self._sample_mid = opening[opening.index(b'"seq":0') + len(b'"seq":0'):-len(b'"}')]
 
     @property
     def last_seq(self) -> int:
@@ -76,12 +150,23 @@ class RecordMaker:
         return self.seal_all((draft,))[0]
 
     def seal_all(self, drafts: Iterable[Draft]) -> list[Record]:
-        """:meth:`seal` for a chunk, in order (the pipeline's hot path: one call per chunk)."""
+        """:meth:`seal` for a chunk, in order (the pipeline's hot path: one call per chunk). A
+        sample draft with kept bytes and no ``fields`` asked for is sealed by concatenating its
+        ``seq`` and ``ts`` with them; the result is byte for byte what encoding its fields gives."""
         seq = self._seq
         dumps = orjson.dumps
+        head, mid = self._sample_head, self._sample_mid
+        ts_text, ts_bytes = "", b""
         sealed = []
         for draft in drafts:
             seq += 1
+            source = draft.source
+            if source is not None and source.body is not None and draft._fields is None:  # noqa: SLF001
+                if draft.ts is not ts_text:
+                    ts_text, ts_bytes = draft.ts, draft.ts.encode()
+                data = b"%b%d%b%b\",%b" % (head, seq, mid, ts_bytes, source.body)
+                sealed.append(Record(seq, "sample", draft.target, draft.pid, None, data, draft))
+                continue
             fields = draft.fields
             fields["seq"] = seq
             sealed.append(Record(seq, draft.type, draft.target, draft.pid, fields, dumps(fields)))
@@ -122,11 +207,23 @@ class RecordMaker:
                 "started": self._started(info.started), "os": self.os, "backend": self.backend}
 
     def sample(self, target: str, info: ProcessInfo, reading: Reading, ts: str) -> Draft:
-        """A ``sample`` record; ``ts`` is the tick's time from :func:`iso_utc`. Built in one
-        dict display (the hot path: one per process per tick), same keys and order as the rest."""
+        """A ``sample`` record; ``ts`` is the tick's time from :func:`iso_utc`. The hot path:
+        one per process per tick. The record is encoded when the process's ``reading`` is not
+        the one it had last time (a backend hands back the same Reading while the numbers do
+        not change); until then its bytes are kept and reused (see :class:`Draft`)."""
+        key = (target, info.pid)
+        source = self._samples.get(key)
+        if source is None or source.reading is not reading or source.info is not info:
+            source = self._source(target, info, reading)
+            if len(self._samples) >= MAX_KEPT_SAMPLES and key not in self._samples:
+                self._samples.clear()  # bounded: forget every kept encoding, make them anew
+            self._samples[key] = source
+        return Draft("sample", target, info.pid, None, info.memory_cgroup, ts, source)
+
+    def _sample_fields(self, target: str, info: ProcessInfo, reading: Reading) -> dict[str, Any]:
         started = self._started_text.get(info.started) or self._started(info.started)
         fields: dict[str, Any] = {
-            "schema": SCHEMA_VERSION, "type": "sample", "seq": 0, "run": self.run, "ts": ts,
+            "schema": SCHEMA_VERSION, "type": "sample", "seq": 0, "run": self.run, "ts": "",
             "host": self.host, "target": target, "pid": info.pid, "ppid": info.ppid, "name": info.name,
             "started": started, "os": self.os, "backend": self.backend,
             "portable": reading.portable, "platform": reading.platform}
@@ -136,7 +233,21 @@ class RecordMaker:
             fields["extra"] = reading.extra
         if self.tags:
             fields["tags"] = self.tags
-        return Draft("sample", target, info.pid, fields, info.memory_cgroup)
+        return fields
+
+    def _source(self, target: str, info: ProcessInfo, reading: Reading) -> SampleSource:
+        """The kept form of a sample record; its ``body`` None if the encoding does not begin as
+        every sample's does (it always does for the fields this maker writes: checked, not assumed)."""
+        template = self._sample_fields(target, info, reading)
+        data = orjson.dumps(template)
+        opening = self._sample_opening
+        if not data.startswith(opening) or data[len(opening):len(opening) + 1] != b",":
+            return SampleSource(info, reading, template, None)
+        return SampleSource(info, reading, template, data[len(opening) + 1:])
+
+    def forget(self, target: str, pid: int) -> None:
+        """Drop what is kept for a process that ``target`` no longer watches."""
+        self._samples.pop((target, pid), None)
 
     def start(self, target: str, info: ProcessInfo, ts: str) -> Draft:
         """A process matched ``target`` for the first time; carries what identifies it. The
@@ -160,6 +271,7 @@ class RecordMaker:
         """The process is gone (exited, or its pid now names another process); with
         ``reason="unwatched"``, it lives on but the target no longer watches it; with
         ``"oom_kill"``, the kernel's OOM killer ended it."""
+        self.forget(target, info.pid)
         body = self._process(target, info)
         if reason is not None:
             body["reason"] = reason

@@ -37,15 +37,16 @@ class TotalsProcessor:
         for draft in chunk:
             if draft.type != "sample" or draft.target not in targets:
                 continue
-            fields = draft.fields
+            reading = draft.reading  # set on every sample: the numbers, without making its fields
+            assert reading is not None
             total = sums.get(draft.target)
             if total is None:
                 total = sums[draft.target] = [0, 0, 0, 0, 0, 0, 0]
-            portable = fields["portable"]
+            portable = reading.portable
             total[0] += 1
             total[1] += portable["rss"]
             total[2] += portable["vms"]
-            full = fields.get("full")
+            full = reading.full
             if full is not None:
                 total[3] += 1
                 total[4] += full["uss"]

@@ -265,7 +265,9 @@ async def test_a_record_over_max_payload_is_left_out_and_counted(tmp_path: Path)
     rest of its batch is stored."""
     with NatsServer(tmp_path, conf="max_payload: 4096").start() as server:
         records = make_records(3)
-        huge = records[1]._replace(json=records[1].json[:-1] + b',"pad":"' + b"x" * 8000 + b'"}')
+        padded = records[1].json[:-1] + b',"pad":"' + b"x" * 8000 + b'"}'
+        first = records[1]
+        huge = Record(first.seq, first.type, first.target, first.pid, first.fields, padded)
         async with started(sink(server.url, stream="BIG", create_stream=True,
                                 stream_subjects=["memagent.>"])) as built:
             await built.write([records[0], huge, records[2]])
