@@ -1,4 +1,5 @@
-"""Records: command lines are bounded in bytes; agent records carry the agent's own memory."""
+"""Records: command lines are bounded in bytes; agent records carry the agent's own memory; a
+sample sealed from bytes kept since the last tick is exactly what encoding it gives."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from memagent.contracts import CMDLINE_MAX_BYTES, cap_cmdline
+import orjson
+
+from memagent.contracts import CMDLINE_MAX_BYTES, ProcessInfo, Reading, cap_cmdline
+from memagent.records import RecordMaker, iso_utc
 
 from cli_helpers import READY_THEN_WAIT, parse_records, run_cli, spawn_ready, stop_child
 
@@ -65,3 +69,54 @@ def test_agent_record_reports_the_agent_own_memory(
     own = agent["agent"]["rss"]
     assert 0.75 * sampled <= own <= 1.25 * sampled, (own, sampled)
     assert agent["agent"]["max_rss"] >= own
+
+
+# -- samples sealed from kept bytes -------------------------------------------------------------
+
+def _maker(**tags: str) -> RecordMaker:
+    return RecordMaker(host='h"ost\n', os_name="linux", backend="linux", tags=tags)
+
+
+INFO = ProcessInfo(pid=42, ppid=1, name="a\"b\\c\u2028", started=1_700_000_000.25)
+
+
+def _reading(rss: int) -> Reading:
+    return Reading(42, INFO.started, {"rss": rss, "vms": 1 << 30}, {"shared": 4096},
+                   full={"uss": 1, "pss": 2, "swap": 3}, extra={"rss_share": 0.5})
+
+
+def test_a_sample_sealed_from_kept_bytes_is_exactly_its_encoded_fields() -> None:
+    """The second tick of an unchanged reading reuses its bytes; they decode to the record's
+    fields, which equal what encoding the whole record gives, seq and ts included."""
+    maker = _maker(env="prod")
+    reading = _reading(8192)
+    first = maker.seal(maker.sample("t", INFO, reading, iso_utc(1_800_000_000.5)))
+    again = maker.sample("t", INFO, reading, iso_utc(1_800_000_001.5))
+    assert again.source is not None and again.source.body is not None and not again.fields_made
+    second = maker.seal(again)
+    for record in (first, second):
+        assert orjson.loads(record.json) == record.fields
+        assert record.json == orjson.dumps(dict(record.fields))
+    assert (second.fields["seq"], second.fields["ts"]) == (2, "2027-01-15T08:00:01.500000Z")
+    assert second.fields["tags"] == {"env": "prod"}
+
+
+def test_a_new_reading_or_a_changed_draft_is_encoded_anew() -> None:
+    maker = _maker()
+    ts = iso_utc(1_800_000_000.0)
+    maker.seal(maker.sample("t", INFO, _reading(4096), ts))
+    grown = maker.seal(maker.sample("t", INFO, _reading(8192), ts))
+    assert grown.fields["portable"]["rss"] == 8192 and orjson.loads(grown.json) == grown.fields
+    changed = maker.sample("t", INFO, _reading(8192), ts)
+    changed.fields["name"] = "renamed"  # a processor changing a draft gives up the kept bytes
+    record = maker.seal(changed)
+    assert orjson.loads(record.json)["name"] == "renamed" and record.fields["name"] == "renamed"
+
+
+def test_what_is_kept_goes_with_the_process_exit() -> None:
+    maker = _maker()
+    ts = iso_utc(1_800_000_000.0)
+    maker.seal_all([maker.sample("t", INFO, _reading(4096), ts), maker.sample("u", INFO, _reading(4096), ts)])
+    assert len(maker._samples) == 2  # noqa: SLF001
+    maker.seal(maker.exit("t", INFO, ts))
+    assert list(maker._samples) == [("u", 42)]  # noqa: SLF001
