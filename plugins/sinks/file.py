@@ -2,8 +2,10 @@
 
 Guarantees:
 
-- One record per line; one ``write`` call per batch (aiofiles, off the event loop), through an
-  ``O_APPEND`` descriptor, so the file never gets a sparse hole even when truncated under us.
+- One record per line; one ``write`` call per batch, through an ``O_APPEND`` descriptor, so the
+  file never gets a sparse hole even when truncated under us. The write and the path's ``stat``
+  run on the event loop for a regular file on a local filesystem, else in a worker thread (see
+  :mod:`~memagent.plugins.sinks.file_calls`).
 - Exactly once: a write that fails part-way is cut back (``ftruncate``) to where it began before
   :class:`~memagent.errors.SinkError` is raised, so the framework's retry neither duplicates nor
   leaves half a line. (Not possible on non-regular files such as ``/dev/full``.)
@@ -46,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import stat
 import time
@@ -53,11 +56,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import aiofiles
-import aiofiles.os
 
 from memagent.contracts import Record, SinkContext, declare_counters, ndjson
 from memagent.errors import ConfigError, SinkError
 from memagent.options import Options
+from memagent.plugins.sinks.file_calls import FileCalls
 from memagent.plugins.sinks.file_rotation import (
     Refused,
     archive_name,
@@ -125,6 +128,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._flush_task: asyncio.Task[None] | None = None
         self._fsync_failing = False
         self._open_problem: str | None = None
+        self._calls = FileCalls(context.name, context.log)
         declare_counters(context.counters, "bytes_written", "rotations", "reopens", "truncations",
                          "write_errors", "fsyncs", "fsync_errors", "refused_paths")
 
@@ -182,6 +186,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._file, self.path = handle, path
         self._identity = (opened.st_dev, opened.st_ino)
         self._regular = stat.S_ISREG(opened.st_mode)
+        self._calls.opened(opened)
         self._size = opened.st_size
         if self._open_problem is not None:
             self.context.log.info("file sink %s: %s is writable again", self.context.name, path)
@@ -260,7 +265,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
             await self._open(path)
             return
         try:
-            at_path = await aiofiles.os.stat(path, follow_symlinks=False)
+            at_path = await self._calls.run(lambda: os.stat(path, follow_symlinks=False))
         except FileNotFoundError:
             at_path = None
         if at_path is None or (at_path.st_dev, at_path.st_ino) != self._identity:
@@ -343,10 +348,11 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         """One write call for the batch (more only if the kernel takes part of it); on failure the
         partial tail is cut off so the retry writes the whole batch exactly once."""
         handle = self._file
+        fd = handle.fileno()
         view = memoryview(data)
         try:
             while view:
-                written = await handle.write(view)
+                written = await self._calls.run(functools.partial(os.write, fd, view))
                 if not written:
                     raise OSError(errno.EIO, "write returned 0")
                 view = view[written:]

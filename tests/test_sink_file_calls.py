@@ -1,0 +1,91 @@
+"""The file sink writes on the event loop only where that cannot block it for long."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from memagent.plugins.sinks.file import FileSink
+from memagent.plugins.sinks.file_calls import SLOW_CALL, FileCalls, filesystem_of
+from memagent.testing import RecordingLogger, make_records, sink_context
+
+
+def mountinfo_naming(path: Path, device: int, fstype: str) -> Path:
+    """A mountinfo file in which ``device`` is a mount of ``fstype`` (other lines around it)."""
+    lines = [
+        "22 1 0:21 / /proc rw,nosuid - proc proc rw",
+        f"29 1 {os.major(device)}:{os.minor(device)} / /data rw,relatime shared:1 - {fstype} server:/x rw",
+        "30 29 7:3 / /snap rw master:2 - squashfs /dev/loop3 ro",
+    ]
+    out = path / "mountinfo"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_the_filesystem_of_a_device_is_read_from_mountinfo(tmp_path: Path) -> None:
+    device = os.stat(tmp_path).st_dev
+    assert filesystem_of(device, str(mountinfo_naming(tmp_path, device, "nfs4"))) == "nfs4"
+    assert filesystem_of(os.makedev(250, 99), str(mountinfo_naming(tmp_path, device, "nfs4"))) is None
+    assert filesystem_of(device, str(tmp_path / "missing")) is None
+
+
+def test_the_real_mountinfo_names_procfs() -> None:
+    assert filesystem_of(os.stat("/proc").st_dev) == "proc"
+
+
+@pytest.mark.parametrize(("fstype", "direct"), [("ext4", True), ("tmpfs", True), ("nfs4", False),
+                                                 ("fuse.sshfs", False), ("cifs", False)])
+def test_only_a_local_filesystem_is_written_on_the_loop(tmp_path: Path, fstype: str, direct: bool) -> None:
+    live = tmp_path / "live.ndjson"
+    live.write_bytes(b"")
+    mountinfo = mountinfo_naming(tmp_path, os.stat(live).st_dev, fstype)
+    calls = FileCalls("f", RecordingLogger("f"), str(mountinfo))
+    calls.opened(os.stat(live))
+    assert calls.direct is direct
+
+
+def test_a_fifo_is_never_written_on_the_loop(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    mountinfo = mountinfo_naming(tmp_path, os.stat(fifo).st_dev, "ext4")
+    calls = FileCalls("f", RecordingLogger("f"), str(mountinfo))
+    calls.opened(os.stat(fifo))
+    assert calls.direct is False
+
+
+async def test_a_slow_direct_call_sends_every_later_one_to_a_thread(tmp_path: Path) -> None:
+    live = tmp_path / "live.ndjson"
+    live.write_bytes(b"")
+    log = RecordingLogger("f")
+    calls = FileCalls("f", log, str(mountinfo_naming(tmp_path, os.stat(live).st_dev, "ext4")))
+    calls.opened(os.stat(live))
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    assert await calls.run(where) == threading.current_thread().name  # direct: on the loop's thread
+    await calls.run(lambda: time.sleep(SLOW_CALL * 1.5))
+    assert calls.direct is False
+    assert await calls.run(where) != threading.current_thread().name
+    calls.opened(os.stat(live))  # a reopened file does not bring direct calls back
+    assert calls.direct is False
+    assert len(log.reports) == 1 and "worker thread" in log.reports[0]
+
+
+async def test_the_file_sink_writes_a_local_file_on_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "out.ndjson"
+    sink = FileSink(path=str(path), context=sink_context("file"))
+    await sink.start()
+    try:
+        assert sink._calls.direct is True  # noqa: SLF001 - /tmp here is a local filesystem
+        records = make_records(3)
+        await sink.write(records)
+        await asyncio.sleep(0)
+    finally:
+        await sink.close()
+    assert path.read_bytes() == b"".join(r.json + b"\n" for r in records)
