@@ -3,7 +3,8 @@
 Guarantees:
 
 - Ticks fall on multiples of the target's interval on the wall clock (``interval = "1s"`` samples
-  at every whole second), without drift. A tick that cannot start within half an interval of its
+  at every whole second), without drift, within a fraction of a millisecond of the slot when the
+  loop is free (see :data:`WAKE_EARLY`). A tick that cannot start within half an interval of its
   slot — because the previous one overran or the loop was busy — is skipped and counted
   (``ticks_skipped``), never run late in a burst.
 - Sampling yields to the event loop every :data:`~memagent.contracts.SAMPLE_CHUNK` processes and
@@ -53,6 +54,14 @@ from memagent.targets import Selector
 from memagent.volume import full_now, largest, limits_volume, merged, split_full
 
 log = logging.getLogger(__name__)
+
+#: How early a ticker's timer fires before its slot (at most a fifth of its interval); the rest
+#: is waited in ``time.sleep``. asyncio's timers fire up to a millisecond late (epoll's timeout
+#: is whole milliseconds, rounded up) and then wait for whatever holds the loop (a chunk of
+#: another target's tick: under a millisecond); waking this early and sleeping the last stretch
+#: puts the tick within a fraction of a millisecond of its slot, for the cost of holding the loop
+#: that long (never more than this, once per tick).
+WAKE_EARLY = 0.002
 
 
 @dataclass
@@ -390,15 +399,19 @@ class Scheduler:
     async def tick_forever(self, interval: float, watches: Sequence[Watch], stop: asyncio.Event) -> None:
         """Sample ``watches`` on every aligned slot of ``interval`` until ``stop`` is set."""
         slot = math.floor(time.time() / interval) + 1
+        early = min(WAKE_EARLY, interval / 5)
         while not stop.is_set():
-            delay = slot * interval - time.time()
-            if delay > 0:
+            rest = slot * interval - time.time()
+            if rest > early:
                 try:
-                    await asyncio.wait_for(stop.wait(), delay)
+                    await asyncio.wait_for(stop.wait(), rest - early)
                     return
                 except TimeoutError:
                     if stop.is_set():  # set while the loop was busy: no tick after a stop
                         return
+                continue  # read the clock again: the last stretch, if any, is slept below
+            if rest > 0:
+                time.sleep(rest)  # at most ``early``: see WAKE_EARLY
             late_slot = math.floor(time.time() / interval + 0.5)
             if late_slot > slot:
                 self.counters.ticks_skipped += late_slot - slot
