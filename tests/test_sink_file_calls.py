@@ -89,3 +89,20 @@ async def test_the_file_sink_writes_a_local_file_on_the_loop(tmp_path: Path) -> 
     finally:
         await sink.close()
     assert path.read_bytes() == b"".join(r.json + b"\n" for r in records)
+
+
+def test_dev_null_is_written_on_the_loop_and_a_terminal_or_pipe_is_not(tmp_path: Path) -> None:
+    for path, direct in (("/dev/null", True), ("/dev/zero", False), ("/dev/tty", False)):
+        if not os.path.exists(path):
+            continue
+        calls = FileCalls("f", RecordingLogger("f"))
+        calls.opened(os.stat(path))
+        assert calls.direct is direct, path
+    read_end, write_end = os.pipe()
+    try:
+        calls = FileCalls("f", RecordingLogger("f"))
+        calls.opened(os.fstat(write_end))
+        assert calls.direct is False
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -1,16 +1,18 @@
-"""Where the file sink's per-batch calls run: on the event loop when that is safe, else in a thread.
+"""Where the file and stdout sinks' per-batch calls run: on the event loop when that is safe,
+else in a worker thread.
 
 A batch costs the file sink a ``stat`` of its path and a ``write``. Handing each to a worker
 thread costs two thread hops per batch, most of the sink's CPU at a high record rate. A write
 to a regular file on a local filesystem only copies into the page cache, so :class:`FileCalls`
-makes those two calls directly on the event loop when the live file is a regular file on a
-filesystem of :data:`LOCAL_FILESYSTEMS` (from ``/proc/self/mountinfo``, matched by device).
+makes those calls directly on the event loop when the file is a regular file on a filesystem of
+:data:`LOCAL_FILESYSTEMS` (from ``/proc/self/mountinfo``, matched by device), or /dev/null.
 
-Guarantees: a network or FUSE filesystem, an unknown one, a FIFO or a device is always written
-from a worker thread (it may block for as long as its server or reader likes). A direct call
-that still takes longer than :data:`SLOW_CALL` (a disk stalled, writeback throttling) is
-reported once and sends every later call of that sink to a worker thread: the loop is held at
-most once that long. Not guaranteed: that the first slow call is not slower than that.
+Guarantees: a network or FUSE filesystem, an unknown one, a FIFO, a socket, a terminal or a
+device other than /dev/null is always written from a worker thread (it may block for as long as
+its server or reader likes). A direct call that still takes longer than :data:`SLOW_CALL` (a
+disk stalled, writeback throttling) is reported once and sends every later call of that sink to
+a worker thread: the loop is held that long at most once. Not guaranteed: that the first slow
+call is not slower than that.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", 
                                "overlay", "bcachefs", "jfs", "reiserfs", "vfat", "exfat"})
 #: A direct call slower than this (seconds) ends direct calls for the sink.
 SLOW_CALL = 0.05
+NULL_DEVICE = os.makedev(1, 3)  # /dev/null: a write never waits
 MOUNTINFO = "/proc/self/mountinfo"
 MOUNTINFO_BYTES = 4 << 20  # bounded: a host with thousands of mounts still fits
 
@@ -63,8 +66,13 @@ class FileCalls:
 
     def opened(self, opened: os.stat_result) -> None:
         """A new live file: decide for it (``opened`` is its fstat)."""
-        self.direct = (not self._slow and stat.S_ISREG(opened.st_mode)
-                       and filesystem_of(opened.st_dev, self.mountinfo) in LOCAL_FILESYSTEMS)
+        if self._slow:
+            self.direct = False
+        elif stat.S_ISCHR(opened.st_mode):
+            self.direct = opened.st_rdev == NULL_DEVICE
+        else:
+            self.direct = (stat.S_ISREG(opened.st_mode)
+                           and filesystem_of(opened.st_dev, self.mountinfo) in LOCAL_FILESYSTEMS)
 
     async def run(self, call: Callable[[], T]) -> T:
         """``call()`` directly when direct, else in a worker thread."""

@@ -3,8 +3,10 @@
 The readable line is :func:`memagent.record_types.text_line`: each record type says how it reads,
 and every line is escaped there, so nothing a process controls can forge a line.
 
-Writes happen in a worker thread, so a slow reader on the other end of a pipe never blocks the
-event loop (the outlet's queue and ``when_full`` absorb it instead). A closed pipe
+Writes to a pipe, a terminal or a socket (the journal) happen in a worker thread, so a slow
+reader on the other end never blocks the event loop (the outlet's queue and ``when_full`` absorb
+it instead); writes to a regular file on a local filesystem or to /dev/null are made on the loop,
+as the file sink's are (:mod:`~memagent.plugins.sinks.file_calls`). A closed pipe
 (``memagent run | head``) raises :class:`~memagent.errors.SinkClosed`: no reader will come back,
 so the framework stops writing here and counts the rest as dropped (never silently lost); if it
 was the only sink, the agent stops with exit 1. Other write errors are retried with backoff.
@@ -12,8 +14,9 @@ was the only sink, the agent stops with exit 1. Other write errors are retried w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import io
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +25,7 @@ from typing import BinaryIO, ClassVar
 from memagent.contracts import Record, SinkContext, ndjson
 from memagent.errors import SinkClosed, SinkError
 from memagent.options import Options
+from memagent.plugins.sinks.file_calls import FileCalls
 from memagent.record_types import text_line
 
 
@@ -36,19 +40,22 @@ type = "stdout"
 #                       # "text": one readable line per record (for people)
 """
 
-    def __init__(self, text: bool, stream: BinaryIO | None = None) -> None:
+    def __init__(self, text: bool, stream: BinaryIO | None = None, log: logging.Logger | None = None) -> None:
         self.text = text
         self._stream = stream
+        self._calls = FileCalls("stdout", log or logging.getLogger("memagent.sink.stdout"))
 
     @classmethod
     def from_options(cls, options: Options, context: SinkContext) -> StdoutSink:
         fmt = options.choice("format", ("ndjson", "text"), "ndjson")
         options.finish()
-        return cls(text=fmt == "text")
+        return cls(text=fmt == "text", log=context.log)
 
     async def start(self) -> None:
         if self._stream is None:
             self._stream = sys.stdout.buffer
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # no real fd: threads
+            self._calls.opened(os.fstat(self._stream.fileno()))
 
     def _encode(self, batch: Sequence[Record]) -> bytes:
         if self.text:
@@ -62,7 +69,8 @@ type = "stdout"
 
     async def write(self, batch: Sequence[Record]) -> None:
         try:
-            await asyncio.to_thread(self._write, self._encode(batch))
+            data = self._encode(batch)
+            await self._calls.run(lambda: self._write(data))
         except BrokenPipeError as exc:
             self._discard_unflushed()
             raise SinkClosed("the reader of stdout closed the pipe") from exc
