@@ -29,8 +29,8 @@ Sink
     the agent reports under the sink's name in ``agent`` records.
 
 Optional capabilities are Protocols too, checked with ``isinstance``: :class:`Reopenable` for a
-sink; :class:`Counting`, :class:`Openable`, :class:`CgroupReading` and :class:`ExitExplaining`
-for a backend. What :func:`memagent.registry.load` requires of a plugin
+sink; :class:`Counting`, :class:`Openable`, :class:`CgroupReading`, :class:`Describing` and
+:class:`ExitExplaining` for a backend. What :func:`memagent.registry.load` requires of a plugin
 class is derived from :class:`Backend` and :class:`Sink` (:func:`protocol_members`).
 """
 
@@ -96,7 +96,9 @@ class ProcessInfo:
     ``cgroup`` is the path the ``cgroup`` selector matches; ``memory_cgroup`` the cgroup whose
     memory numbers a :class:`CgroupReading` backend reads for it (None: the root cgroup, none
     known, or the backend reads no cgroups); ``container`` what its cgroup paths say about its
-    container (None: not in one, as far as they tell)."""
+    container (None: not in one, as far as they tell). ``described`` False: a :class:`Describing`
+    backend's cheap listing, of which only ``pid``, ``ppid``, ``name`` (the kernel's comm, which
+    is cut at 15 characters) and ``started`` are known yet."""
 
     pid: int
     ppid: int
@@ -109,6 +111,7 @@ class ProcessInfo:
     cmdline_truncated: bool = False
     memory_cgroup: MemoryCgroup | None = None
     container: Container | None = None
+    described: bool = True
 
     @property
     def identity(self) -> Identity:
@@ -252,6 +255,20 @@ class CgroupReading(Protocol):
 
 #: The ``reason`` values of an ``exit`` record that an :class:`ExitExplaining` backend may give.
 EXIT_REASONS = ("oom_kill",)
+
+
+@runtime_checkable
+class Describing(Protocol):
+    """Optional for a backend: a listing that reads one bounded file per new process, its other
+    details read only for the processes some target may watch. ``list_processes`` then returns
+    ``described=False`` infos for processes not described yet; the framework calls ``describe``
+    (in the listing's worker thread, right after ``list_processes``, never concurrently with it)
+    for each it needs, and never makes a member of a process that is not described."""
+
+    def describe(self, process: ProcessInfo) -> ProcessInfo | None:
+        """``process`` with every field read (``described=True``), or None if it is gone. From
+        then on the backend's listings return the described info."""
+        ...
 
 
 @runtime_checkable

@@ -40,6 +40,7 @@ from memagent.contracts import (
     SAMPLE_CHUNK,
     Backend,
     CgroupReading,
+    Describing,
     ExitExplaining,
     Failure,
     Gone,
@@ -50,7 +51,7 @@ from memagent.contracts import (
 )
 from memagent.pipeline import Pipeline, Processor
 from memagent.records import Draft, iso_utc
-from memagent.targets import Selector
+from memagent.targets import Selector, described_where_needed
 from memagent.volume import full_now, largest, limits_volume, merged, split_full
 
 log = logging.getLogger(__name__)
@@ -182,10 +183,15 @@ class Scheduler:
             log.info("backend %s: %s works again", self.backend.name, what)
 
     def _list(self) -> list[ProcessInfo]:
-        """Blocking: re-read pidfiles, then list processes. Runs in a worker thread."""
-        for watch in self.watches:
-            watch.selector.refresh()
-        return self.backend.list_processes()
+        """Blocking: re-read pidfiles, list processes, describe those a target may watch (a
+        :class:`~memagent.contracts.Describing` backend's). Runs in a worker thread."""
+        selectors = [watch.selector for watch in self.watches]
+        for selector in selectors:
+            selector.refresh()
+        processes = self.backend.list_processes()
+        if isinstance(self.backend, Describing):
+            processes = described_where_needed(processes, selectors, self.backend.describe)
+        return processes
 
     async def rescan(self) -> None:
         """List processes (in a thread) and update every target's members."""
@@ -217,7 +223,9 @@ class Scheduler:
                                                   self._exit_reason(info) if gone else "unwatched"))
                     self._release(watch, identity)
                 for identity, info in matched.items():
-                    if identity not in watch.members:
+                    # not described: matched by selectors a reload brought after the listing
+                    # began; the next listing describes it, and it starts then, whole
+                    if identity not in watch.members and info.described:
                         watch.members[identity] = info
                         self._hold(identity)
                         drafts.append(self.maker.start(watch.name, info, ts))

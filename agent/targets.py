@@ -83,36 +83,41 @@ class Selector:
 
     def __init__(self, config: TargetConfig) -> None:
         self.config = config
-        self._predicates = self._build(config)
+        self._cheap, self._detailed = self._build(config)
         self._pidfile_pid: int | None = None
         self._pidfile_problem: str | None = None
         self.pidfile_problems = 0
 
     @staticmethod
-    def _build(config: TargetConfig) -> list[Predicate]:
-        checks: list[Predicate] = []
+    def _build(config: TargetConfig) -> tuple[list[Predicate], list[Predicate]]:
+        """(checks on what every listing knows: pid, name; checks on a described process's
+        details: exe, command line, user, cgroup)."""
+        cheap: list[Predicate] = []
         if config.self:
             own = os.getpid()
-            checks.append(lambda p: p.pid == own)
+            cheap.append(lambda p: p.pid == own)
         if config.pid is not None:
             wanted = config.pid
-            checks.append(lambda p: p.pid == wanted)
+            cheap.append(lambda p: p.pid == wanted)
         if config.comm is not None:
             comm = config.comm
-            checks.append(lambda p: fnmatchcase(p.name, comm))
+            # an undescribed name is the kernel's comm, cut at 15 characters: the full name
+            # (from the command line) is known only once described, so such a name may match
+            cheap.append(lambda p: fnmatchcase(p.name, comm) or (not p.described and len(p.name) >= 15))
+        detailed: list[Predicate] = []
         if config.exe is not None:
             exe = config.exe
-            checks.append(lambda p: p.exe is not None and fnmatchcase(p.exe, exe))
+            detailed.append(lambda p: p.exe is not None and fnmatchcase(p.exe, exe))
         if config.cmdline is not None:
             search = config.cmdline.search
-            checks.append(lambda p: bool(p.cmdline) and search(" ".join(p.cmdline)) is not None)
+            detailed.append(lambda p: bool(p.cmdline) and search(" ".join(p.cmdline)) is not None)
         if config.user is not None:
             users = _user_names(config.user)
-            checks.append(lambda p: p.user is not None and p.user in users)
+            detailed.append(lambda p: p.user is not None and p.user in users)
         if config.cgroup is not None:
             cgroup = config.cgroup
-            checks.append(lambda p: p.cgroup is not None and fnmatchcase(p.cgroup, cgroup))
-        return checks
+            detailed.append(lambda p: p.cgroup is not None and fnmatchcase(p.cgroup, cgroup))
+        return cheap, detailed
 
     def problems_now(self) -> list[str]:
         """What ``memagent check`` warns about: a ``pid``, ``pidfile`` or ``user`` that does not
@@ -157,20 +162,61 @@ class Selector:
             self._pidfile_problem = problem
         self._pidfile_pid = pid
 
-    def resolve(self, processes: Iterable[ProcessInfo]) -> dict[Identity, ProcessInfo]:
-        """The processes this target watches now, by identity. No I/O: the pidfile's pid is
-        the one the last :meth:`refresh` read (none before the first)."""
-        listing = list(processes)
-        checks = list(self._predicates)
+    def _cheap_checks(self) -> list[Predicate] | None:
+        """The cheap checks with the pidfile's; None when the pidfile says no process."""
+        checks = list(self._cheap)
         if self.config.pidfile is not None:
             pid = self._pidfile_pid
             if pid is None:
-                return {}
+                return None
             checks.append(lambda p: p.pid == pid)
+        return checks
+
+    def candidates(self, processes: list[ProcessInfo]) -> set[Identity]:
+        """The processes this target may watch, judged on what every listing knows (pid and
+        name, not exe, command line, user or cgroup), with their descendants when it watches
+        children: those to describe before :meth:`resolve` (see
+        :class:`~memagent.contracts.Describing`). No I/O."""
+        checks = self._cheap_checks()
+        if checks is None:
+            return set()
+        found = {p.identity: p for p in processes if all(check(p) for check in checks)}
+        if self.config.children and found:
+            found.update(descendants(processes, {p.pid for p in found.values()}))
+        return set(found)
+
+    def resolve(self, processes: Iterable[ProcessInfo]) -> dict[Identity, ProcessInfo]:
+        """The processes this target watches now, by identity. No I/O: the pidfile's pid is
+        the one the last :meth:`refresh` read (none before the first); a process that is not
+        described fails every check on its details."""
+        listing = list(processes)
+        checks = self._cheap_checks()
+        if checks is None:
+            return {}
+        checks += self._detailed
         matched = {p.identity: p for p in listing if all(check(p) for check in checks)}
         if self.config.children and matched:
             matched.update(descendants(listing, {p.pid for p in matched.values()}))
         return matched
+
+
+def described_where_needed(processes: list[ProcessInfo], selectors: Iterable[Selector],
+                           describe: Callable[[ProcessInfo], ProcessInfo | None]) -> list[ProcessInfo]:
+    """``processes`` with every process some selector may watch described (``describe``: a
+    :class:`~memagent.contracts.Describing` backend's); one that vanished meanwhile is left out.
+    Blocking reads: call it in the listing's worker thread."""
+    wanted: set[Identity] = set()
+    for selector in selectors:
+        wanted |= selector.candidates(processes)
+    listed = []
+    for process in processes:
+        if not process.described and process.identity in wanted:
+            described = describe(process)
+            if described is None:
+                continue
+            process = described
+        listed.append(process)
+    return listed
 
 
 def descendants(processes: list[ProcessInfo], roots: set[int]) -> dict[Identity, ProcessInfo]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memagent.contracts import ProcessInfo
 from memagent.plugins.backends.linux import LinuxBackend
 
 BTIME = 1_700_000_000
@@ -203,3 +204,14 @@ def oom_kill_records(sequence: int, seconds: float, pid: int, comm: str, memcg: 
                                                  f"{pid} ({comm}) total-vm:221384kB, anon-rss:32512kB, "
                                                  "file-rss:6660kB, shmem-rss:0kB, UID:0 pgtables:124kB "
                                                  "oom_score_adj:0"))
+
+
+def described_listing(backend: LinuxBackend) -> list[ProcessInfo]:
+    """A listing as an all-process target gets it: every process described (see
+    :class:`~memagent.contracts.Describing`); one gone meanwhile is left out."""
+    listed = []
+    for process in backend.list_processes():
+        described = process if process.described else backend.describe(process)
+        if described is not None:
+            listed.append(described)
+    return listed

@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,11 +20,18 @@ from typing import Any
 import psutil
 import pytest
 
+from memagent.config import TargetConfig
 from memagent.contracts import Failure, Gone, Reading
 from memagent.errors import ConfigError
+from memagent.fanout import Fanout, Outlet
 from memagent.options import Options
+from memagent.pipeline import Pipeline
 from memagent.plugins.backends import linux
 from memagent.plugins.backends.linux import RESTAT_EVERY, LinuxBackend, parse_stat, pick_cgroup
+from memagent.records import RecordMaker
+from memagent.scheduler import Scheduler
+from memagent.targets import Selector
+from memagent.testing import RecordingSink
 
 from cli_helpers import (
     parse_records,
@@ -40,6 +48,7 @@ from procfs_fixture import (
     FIXTURE_PROC,
     FakeProc,
     build_procfs,
+    described_listing,
     fixture_started,
     identity_of,
     replace_process,
@@ -60,7 +69,7 @@ def fixture_backend(**kwargs: Any) -> LinuxBackend:
 
 def test_fixture_tree_lists_every_readable_process_with_its_details() -> None:
     """Listing reads stat/cmdline/exe/status/cgroup; a pid dir without stat (600) is left out."""
-    listed = {p.pid: p for p in fixture_backend().list_processes()}
+    listed = {p.pid: p for p in described_listing(fixture_backend())}
     assert sorted(listed) == [1, 2, 7, 300, 400, 500]
     nginx = listed[1]
     assert (nginx.ppid, nginx.name, nginx.started) == (0, "nginx", fixture_started(950))
@@ -179,7 +188,7 @@ def test_long_comm_takes_the_full_name_from_cmdline(tmp_path: Path) -> None:
     """comm is cut at 15 characters; like psutil, the full name comes from argv[0]."""
     long = FakeProc(pid=40, comm="very-long-daemo", cmdline=("/opt/very-long-daemon-name", "-d"))
     backend = LinuxBackend(str(build_procfs(tmp_path, [long])))
-    assert backend.list_processes()[0].name == "very-long-daemon-name"
+    assert described_listing(backend)[0].name == "very-long-daemon-name"
 
 
 def test_comm_with_spaces_and_parentheses_parses() -> None:
@@ -279,10 +288,14 @@ def test_warm_listing_reads_nothing_for_unchanged_processes(tmp_path: Path, read
     backend = LinuxBackend(str(build_procfs(tmp_path, [FakeProc(pid=10), FakeProc(pid=11, ppid=10)])))
     reads.clear()
     cold = backend.list_processes()
-    assert sorted(reads) == sorted(f"{tmp_path}/proc/{pid}/{name}" for pid in (10, 11)
-                                   for name in ("stat", "cmdline", "status", "cgroup"))
+    assert sorted(reads) == [f"{tmp_path}/proc/{pid}/stat" for pid in (10, 11)]  # a new pid: one read
+    assert [p.described for p in cold] == [False, False]
     reads.clear()
-    assert backend.list_processes() == cold and reads == []  # listing 2: neither pid's turn
+    described = described_listing(backend)  # what a target that may watch them asks for
+    assert sorted(reads) == sorted(f"{tmp_path}/proc/{pid}/{name}" for pid in (10, 11)
+                                   for name in ("stat", "cmdline", "status", "cgroup"))  # stat: still it?
+    reads.clear()
+    assert backend.list_processes() == described and reads == []  # listing 3: neither pid's turn
 
 
 def test_replaced_pid_directory_is_a_new_process(tmp_path: Path) -> None:
@@ -295,7 +308,7 @@ def test_replaced_pid_directory_is_a_new_process(tmp_path: Path) -> None:
     new = FakeProc(pid=30, comm="new", start_ticks=950, cmdline=("/usr/bin/new", "-x"))
     replace_process(proc, new)
     assert (proc / "30").stat().st_ino != inode
-    [after] = backend.list_processes()
+    [after] = described_listing(backend)
     assert (after.identity, after.name, after.cmdline) == ((30, started(new)), "new", ("/usr/bin/new", "-x"))
     assert backend.sample([before.identity, after.identity], full=False)[0] == Gone(*before.identity)
 
@@ -316,7 +329,7 @@ def test_child_whose_parent_exited_is_read_again_for_its_new_ppid(tmp_path: Path
     parent, child = FakeProc(pid=10), FakeProc(pid=11, ppid=10, cmdline=("/usr/bin/child",))
     proc = build_procfs(tmp_path, [parent, child])
     backend = LinuxBackend(str(proc))
-    assert {p.pid: p.ppid for p in backend.list_processes()} == {10: 1, 11: 10}
+    assert {p.pid: p.ppid for p in described_listing(backend)} == {10: 1, 11: 10}
     if parent_then == "exited":
         shutil.rmtree(proc / "10")
     else:
@@ -324,7 +337,7 @@ def test_child_whose_parent_exited_is_read_again_for_its_new_ppid(tmp_path: Path
     child.ppid = 1
     write_stat(proc / "11", child)  # the kernel changes the stat of the same directory
     listed = {p.pid: p for p in backend.list_processes()}
-    assert listed[11].ppid == 1 and listed[11].cmdline == ("/usr/bin/child",)
+    assert listed[11].ppid == 1 and listed[11].cmdline == ("/usr/bin/child",)  # described before: kept
 
 
 def test_every_process_is_read_again_within_restat_every_listings(tmp_path: Path) -> None:
@@ -468,7 +481,7 @@ def test_real_reused_pid_is_listed_as_the_new_process() -> None:
         assert os.stat(f"/proc/{second.pid}").st_ino != inode  # what the listing relies on
         # listed once its exec is done (before, /proc shows the forking parent's command line)
         wait_for(lambda: Path(f"/proc/{second.pid}/cmdline").read_bytes() == b"sleep\x00600.2\x00")
-        new = {p.pid: p for p in backend.list_processes()}[second.pid]
+        new = {p.pid: p for p in described_listing(backend)}[second.pid]
         results = backend.sample([old, new.identity], full=False)
     finally:
         second.kill()
@@ -745,3 +758,56 @@ def test_real_child_extra_matches_its_status() -> None:
     assert extra["rss_file"] == kb["RssFile"] and extra["peak_rss"] >= rss >= 50 << 20
     assert extra["rss_anon"] + extra["rss_file"] + extra["rss_shmem"] == rss
     assert extra["rss_share"] == round(rss / mem_total, 6)
+
+
+# -- describing only what a target may watch ------------------------------------------------------
+
+def scheduler_on(proc: Path, **target: Any) -> tuple[Scheduler, RecordingSink, Outlet]:
+    sink = RecordingSink()
+    out = Outlet("rec", sink, queue=10_000, when_full="drop_oldest", batch=1000, targets=None)
+    maker = RecordMaker(host="h", os_name="linux", backend="linux", tags={})
+    selector = Selector(TargetConfig(name="t", interval=1.0, **target))
+    return Scheduler(LinuxBackend(str(proc)), [selector], Pipeline(Fanout([out]), maker)), sink, out
+
+
+async def starts_after_rescan(proc: Path, **target: Any) -> list[dict[str, Any]]:
+    scheduler, sink, out = scheduler_on(proc, **target)
+    await out.start()
+    await scheduler.rescan()
+    await out.drain(time.monotonic() + 5)
+    return [dict(r.fields) for r in sink.records if r.type == "start"]
+
+
+async def test_a_rescan_describes_only_the_processes_a_target_may_watch(tmp_path: Path,
+                                                                      reads: list[str]) -> None:
+    """comm = nginx: of 50 new processes, only nginx's details are read; its start record has them."""
+    procs = [FakeProc(pid=100 + i) for i in range(49)]
+    procs.append(FakeProc(pid=500, comm="nginx", cmdline=("nginx: master",)))
+    proc = build_procfs(tmp_path, procs)
+    reads.clear()
+    [start] = await starts_after_rescan(proc, comm="nginx")
+    assert (start["pid"], start["cmdline"]) == (500, ["nginx: master"])
+    assert start["cgroup"] == "/system.slice/worker.service"
+    per_process = [path for path in reads if path != f"{proc}/stat"]  # /proc/stat: boot time, once
+    details = [path for path in per_process if not path.endswith("/stat")]
+    assert sorted(details) == [f"{proc}/500/{name}" for name in ("cgroup", "cmdline", "status")]
+    stats = [path for path in per_process if path.endswith("/stat")]
+    assert len(stats) == 50 + 1  # each listed, and nginx again: still the same process?
+
+
+async def test_a_long_name_is_still_matched_by_its_full_name(tmp_path: Path) -> None:
+    """The kernel cuts comm at 15 characters; a target naming the full name still matches."""
+    long = FakeProc(pid=40, comm="very-long-daemo", cmdline=("/opt/very-long-daemon-name", "-d"))
+    other = FakeProc(pid=41, comm="very-long-other", cmdline=("/x/very-long-other-one",))
+    proc = build_procfs(tmp_path, [long, other])
+    [start] = await starts_after_rescan(proc, comm="very-long-daemon-name")
+    assert (start["pid"], start["name"]) == (40, "very-long-daemon-name")
+
+
+@pytest.mark.parametrize("target", [{"cmdline": re.compile("--serve")}, {"all": True}, {"user": "root"}])
+async def test_a_target_judged_on_details_describes_every_new_process(tmp_path: Path,
+                                                                       target: dict[str, Any]) -> None:
+    proc = build_procfs(tmp_path, [FakeProc(pid=100 + i) for i in range(5)])
+    starts = await starts_after_rescan(proc, **target)
+    assert sorted(s["pid"] for s in starts) == [100, 101, 102, 103, 104]
+    assert all(s["cmdline"] == ["/usr/bin/worker", "--serve"] and s["user"] == "root" for s in starts)

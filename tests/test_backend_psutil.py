@@ -170,7 +170,8 @@ def test_forced_on_linux_agrees_with_the_native_backend() -> None:
 
     native, via_psutil = LinuxBackend(), PsutilBackend()
     me = os.getpid()
-    ours = next(p for p in native.list_processes() if p.pid == me)
+    ours = native.describe(next(p for p in native.list_processes() if p.pid == me))
+    assert ours is not None
     theirs = next(p for p in via_psutil.list_processes() if p.pid == me)
     for field in ("name", "cmdline", "exe", "user"):
         assert getattr(ours, field) == getattr(theirs, field)

@@ -45,6 +45,7 @@ from procfs_fixture import (
     FakeProc,
     build_procfs,
     copy_cgroupfs,
+    described_listing,
     kmsg_record,
     oom_kill_records,
     started,
@@ -125,7 +126,7 @@ def test_listing_carries_memory_cgroup_and_container(tmp_path: Path) -> None:
     """A listed process knows its memory cgroup and container, read once from its cgroup file."""
     procs = [FakeProc(pid=10, cgroup=K8S_LIMITED), FakeProc(pid=11, cgroup=DOCKER_HYBRID),
              FakeProc(pid=12, cgroup="0::/\n")]
-    listed = {p.pid: p for p in LinuxBackend(str(build_procfs(tmp_path, procs))).list_processes()}
+    listed = {p.pid: p for p in described_listing(LinuxBackend(str(build_procfs(tmp_path, procs))))}
     assert listed[10].memory_cgroup == MemoryCgroup(2, f"{POD_SLICE}/cri-containerd-{LIMITED_ID}.scope")
     assert listed[10].container == Container("containerd", LIMITED_ID, POD_UID, "burstable")
     assert listed[11].memory_cgroup == MemoryCgroup(1, f"/docker/{DOCKER_ID}")

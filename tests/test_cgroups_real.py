@@ -18,6 +18,7 @@ from memagent.plugins.backends.linux import LinuxBackend
 from memagent.plugins.backends.linux_cgroups import CgroupReader
 
 from cli_helpers import run_agent, stop_child, wait_for
+from procfs_fixture import described_listing
 
 MIB = 1 << 20
 
@@ -31,7 +32,7 @@ def test_real_cgroup_reads_as_its_files() -> None:
         try:
             tell(child, "alloc 30")
             assert child.stdout is not None and child.stdout.readline().strip() == "ok"
-            [info] = [p for p in backend.list_processes() if p.pid == child.pid]
+            [info] = [p for p in described_listing(backend) if p.pid == child.pid]
             key = MemoryCgroup(cgroup.version, cgroup.path)
             assert info.memory_cgroup == key
             stats = backend.read_cgroups([key])[key]

@@ -42,8 +42,10 @@ went or changed (the parent exited: the process was reparented); and for the pid
 listing's number modulo :data:`RESTAT_EVERY`, so that every process is read again at least once
 in that many listings. That bound covers what an inode cannot show: a parent that exited but is
 not yet reaped (a zombie) keeps its entry, so its children's new ``ppid`` shows when it is reaped
-or within :data:`RESTAT_EVERY` listings. A new process's details (``cmdline``, ``exe``,
-``status``, ``cgroup``) are read once. Fixture trees must follow procfs: a process replaced in a
+or within :data:`RESTAT_EVERY` listings. A new process costs that one ``stat`` read: it is
+listed ``described=False``, and its details (``cmdline``, ``exe``, ``status``, ``cgroup``) are
+read once, by :meth:`LinuxBackend.describe`, only if a target may watch it (the backend is
+:class:`~memagent.contracts.Describing`). Fixture trees must follow procfs: a process replaced in a
 test is a new directory (a new inode), not a ``stat`` rewritten in place.
 
 procfs contents are input like any other: every read is bounded in bytes (a command line is
@@ -421,6 +423,22 @@ class LinuxBackend:
         memory = memory_cgroup(paths) if self.cgroups is not None else None  # no cgroupfs: not asked
         return pick_cgroup(text), memory, container_of(paths)
 
+    def describe(self, process: ProcessInfo) -> ProcessInfo | None:
+        """``process`` with its command line, exe, user and cgroups read (see
+        :class:`~memagent.contracts.Describing`); kept for later listings. None if its pid is
+        gone or is another process now."""
+        name = str(process.pid)
+        try:
+            identity, comm, ppid = self._identity(process.pid)
+        except (OSError, ValueError, IndexError):
+            return None
+        if identity != process.identity:
+            return None
+        described = self._describe(identity, comm, ppid)
+        if self._known.get(name) is process:
+            self._known[name] = described
+        return described
+
     def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
         pid = identity[0]
         try:
@@ -476,8 +494,8 @@ class LinuxBackend:
                 if info is not None and info.started == identity[1]:
                     if info.ppid != ppid:  # reparented (its parent exited)
                         info = replace(info, ppid=ppid)
-                else:
-                    info = self._describe(identity, comm, ppid)
+                else:  # new: one bounded read (stat) now, the rest when a target may watch it
+                    info = ProcessInfo(pid=pid, ppid=ppid, name=comm, started=identity[1], described=False)
             except OSError:
                 self._drop(name)  # vanished while listing, or unreadable: not listed
                 continue
