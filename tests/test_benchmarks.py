@@ -25,7 +25,7 @@ FIGURES = [
     "at_rest_cpu", "discovery",
     "throughput_1_sink", "cpu_per_record_1_sink", "throughput_3_sinks", "cpu_per_record_3_sinks",
     "read_memory_info", "read_full",
-    "rescan_known_pid", "rescan_new_pid",
+    "rescan_known_pid", "rescan_new_pid", "rescan_new_pid_described",
     "lateness_p50", "lateness_p99", "ticks_skipped",
     "agent_rss", "websocket_p99",
 ]

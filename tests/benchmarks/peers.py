@@ -17,6 +17,14 @@ KIND is one of:
 ``pread-floor``
     The floor: one fd held per ``/proc/<pid>/statm`` (opened once), ``os.pread`` each tick,
     nothing else (no parsing, no records, no rescans).
+``python-floor``
+    The least a Python agent doing memagent's job must do, written as tight as Python allows:
+    one ``statm`` fd held per process, ``os.pread`` each tick, and when the bytes are those of the
+    last tick the process's record bytes kept from then with the new ``seq`` and ``ts`` put in
+    (otherwise parsed and encoded with orjson); one write per tick; a ``scandir`` of /proc and a
+    set difference every ``--rescan`` seconds, one ``stat`` read per new pid. No event loop, no
+    sinks, no processors, no checks: what is left of memagent's cost above it is the price of
+    its structure, what is below it is Python's.
 ``sleep-loop``, ``asyncio-loop``
     A timer on the same wall-clock grid as memagent's ticker (slots at multiples of
     ``--interval``), sleeping with ``time.sleep`` or ``asyncio.sleep``; writes the lateness of
@@ -40,6 +48,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import psutil
@@ -149,6 +158,59 @@ class PreadFloor:
                 pass  # exited: a floor does not even tidy up
 
 
+class PythonFloor:
+    """memagent's job in the tightest Python (see the module docstring)."""
+
+    def __init__(self, out: str, rescan: float) -> None:
+        self.out = open(out, "ab", buffering=0)  # noqa: SIM115 - held for the script's life
+        self.rescan_every = rescan
+        self.next_rescan = 0.0
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.host = socket.gethostname()
+        self.seq = 0
+        # pid -> [statm fd, last bytes, the record after its ts, the fixed part of the record]
+        self.held: dict[int, list[Any]] = {}
+
+    def rescan(self) -> None:
+        alive = {int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()}
+        for pid in self.held.keys() - alive:
+            os.close(self.held.pop(pid)[0])
+        for pid in alive - self.held.keys():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as stat:
+                    line = stat.read(4096)
+                fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            name = line[line.index(b"(") + 1:line.rindex(b")")].decode(errors="replace")
+            fixed = {"host": self.host, "target": "all", "pid": pid, "name": name, "os": "linux"}
+            self.held[pid] = [fd, b"", b"", fixed]
+        self.next_rescan = time.monotonic() + self.rescan_every
+
+    def tick(self, now: float) -> None:
+        if time.monotonic() >= self.next_rescan:
+            self.rescan()
+        ts = iso(now).encode()
+        pread, page, seq = os.pread, self.page, self.seq
+        lines = []
+        for pid, held in list(self.held.items()):
+            try:
+                raw = pread(held[0], 128, 0)
+            except OSError:
+                os.close(self.held.pop(pid)[0])
+                continue
+            if raw != held[1]:
+                size, resident = raw.split()[:2]
+                record = {"ts": "", "schema": 1, "type": "sample", **held[3],
+                          "portable": {"rss": int(resident) * page, "vms": int(size) * page}}
+                held[1], held[2] = raw, orjson.dumps(record)[len(b'{"ts":"",'):]
+            seq += 1
+            lines.append(b'{"seq":%d,"ts":"%b",%b' % (seq, ts, held[2]))
+        self.seq = seq
+        lines.append(b"")
+        self.out.write(b"\n".join(lines))
+
+
 def lateness(interval: float, seconds: float, use_asyncio: bool) -> list[float]:
     """Seconds each wake-up came after its slot on the ``interval`` grid."""
     late: list[float] = []
@@ -174,12 +236,13 @@ def lateness(interval: float, seconds: float, use_asyncio: bool) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["best-case", "process-iter", "pread-floor", "sleep-loop",
-                                         "asyncio-loop"])
+    parser.add_argument("kind", choices=["best-case", "process-iter", "pread-floor", "python-floor",
+                                         "sleep-loop", "asyncio-loop"])
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between ticks; 0: flat out")
     parser.add_argument("--offset", type=float, default=0.0, help="shift of the tick grid, seconds")
     parser.add_argument("--seconds", type=float, default=3600.0, help="stop after this long")
-    parser.add_argument("--rescan", type=float, default=2.0, help="best-case: seconds between rescans")
+    parser.add_argument("--rescan", type=float, default=2.0,
+                        help="best-case, python-floor: seconds between rescans")
     parser.add_argument("--out", default=os.devnull, help="the file records are written to")
     args = parser.parse_args(argv)
     if args.kind in ("sleep-loop", "asyncio-loop"):
@@ -190,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     stop: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop.append(signum))
-    worker: BestCase | ProcessIter | PreadFloor
+    worker: BestCase | ProcessIter | PreadFloor | PythonFloor
     if args.kind == "best-case":
         worker = BestCase(args.out, args.rescan)
+    elif args.kind == "python-floor":
+        worker = PythonFloor(args.out, args.rescan)
     elif args.kind == "process-iter":
         worker = ProcessIter(args.out)
     else:

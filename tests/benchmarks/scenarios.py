@@ -129,7 +129,8 @@ def at_rest(bench: Bench) -> dict[str, Any]:
     out = bench.workdir / "at-rest.ndjson"
     peers = {kind: bench.peer(kind, "--interval", "1", "--offset", offset, "--rescan", f"{bench.rescan:g}",
                               "--out", str(bench.workdir / f"at-rest-{kind}.ndjson"))
-             for kind, offset in (("best-case", "0.25"), ("process-iter", "0.5"), ("pread-floor", "0.75"))}
+             for kind, offset in (("best-case", "0.2"), ("process-iter", "0.4"), ("pread-floor", "0.6"),
+                                  ("python-floor", "0.8"))}
     agent = bench.agent("at-rest", f'[agent]\ninterval = "1s"\n\n{ALL_TARGET}\n{file_sink(out)}',
                         cap=plan.at_rest + 120)
     meters = {"memagent": CpuMeter(agent.pid), **{kind: CpuMeter(p.pid) for kind, p in peers.items()}}
@@ -236,7 +237,7 @@ def throughput(bench: Bench) -> dict[str, Any]:
             results[name]["ticks_skipped"] = agent_stats.get("ticks_skipped")
         for path in paths:
             path.unlink(missing_ok=True)
-    for kind in ("best-case", "process-iter"):
+    for kind in ("best-case", "process-iter", "python-floor"):
         path = bench.workdir / f"{kind}.ndjson"
         peer = bench.peer(kind, "--interval", "0", "--rescan", f"{bench.rescan:g}", "--out", str(path),
                           "--seconds", f"{cap:g}")
@@ -263,7 +264,9 @@ def reading_and_rescans(bench: Bench) -> dict[str, Any]:
     statm_fds: list[int] = []
     rollup_fds: list[int] = []
     try:
-        infos = [info for info in backend.list_processes() if bench.sleepers.owns(info.cmdline)]
+        listed = [info if getattr(info, "described", True) else backend.describe(info)  # command lines
+                  for info in backend.list_processes()]
+        infos = [info for info in listed if info is not None and bench.sleepers.owns(info.cmdline)]
         identities = [info.identity for info in infos]
         count = len(identities)
 
@@ -315,7 +318,7 @@ def _rescans(bench: Bench, backend: Any) -> dict[str, Any]:
     known = median_times(rounds, {"memagent": backend.list_processes,
                                   "psutil": lambda: list(psutil.process_iter()), "floor": scandir})
     batch = max(10, min(100, bench.plan.processes // 10))
-    new: dict[str, list[float]] = {"memagent": [], "psutil": [], "floor": []}
+    new: dict[str, list[float]] = {"memagent": [], "memagent described": [], "psutil": [], "floor": []}
     attrs = ["ppid", "name", "create_time", "cmdline", "exe", "username"]
 
     def stat_once(pid: int) -> None:
@@ -329,12 +332,20 @@ def _rescans(bench: Bench, backend: Any) -> dict[str, Any]:
         # pid up pays for its /proc entry
         pids = bench.sleepers.spawn(batch)
         began = time.perf_counter()
-        backend.list_processes()
+        listing = backend.list_processes()
         first = time.perf_counter() - began
         began = time.perf_counter()
         backend.list_processes()
         again = time.perf_counter() - began
         new["memagent"].append(max(0.0, first - again) / batch * 1e6)
+        # what a target that may watch them (an all-process one) adds: each described once
+        spawned = set(pids)
+        began = time.perf_counter()
+        for info in listing:
+            if info.pid in spawned and not getattr(info, "described", True):
+                backend.describe(info)
+        described = time.perf_counter() - began
+        new["memagent described"].append(max(0.0, first - again + described) / batch * 1e6)
         bench.sleepers.kill(pids)
         backend.list_processes()
         for name, work in (("psutil", lambda pid: psutil.Process(pid).as_dict(attrs)), ("floor", stat_once)):

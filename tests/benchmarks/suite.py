@@ -134,7 +134,8 @@ def figures(raw: dict[str, Any], plan: Plan) -> list[Figure]:
             "%", dig(cpu, "memagent", "median_pct"),
             {"psutil best case": dig(cpu, "best-case", "median_pct"),
              "process_iter script": dig(cpu, "process-iter", "median_pct"),
-             "pread floor": dig(cpu, "pread-floor", "median_pct")},
+             "pread floor": dig(cpu, "pread-floor", "median_pct"),
+             "Python floor": dig(cpu, "python-floor", "median_pct")},
             "psutil best case", "≤ 0.5 % and ≥ 4× cheaper than the best case", ours_over=False,
             ratio_at_least=4, value_at_most=0.5),
         # the start record is stamped after the listing that found the process: allow for that listing
@@ -142,11 +143,12 @@ def figures(raw: dict[str, Any], plan: Plan) -> list[Figure]:
                "s", rest.get("discovery_s"), target=f"≤ the rescan period ({rescan:g} s, + 0.25 s listing)",
                met=at_most(rest.get("discovery_s"), rescan + 0.25)),
     ]
-    names = {"best-case": "psutil best case", "process-iter": "process_iter script"}
+    names = {"best-case": "psutil best case", "process-iter": "process_iter script",
+             "python-floor": "Python floor"}
     for suffix, label, extra in (("1_sink", "file sink", ""),
                                  ("3_sinks", "3 sinks (2 files + stdout to /dev/null)", " (encode once)")):
         run = f"memagent-{suffix.replace('_', '-')}"
-        peers = ("best-case", "process-iter") if suffix == "1_sink" else ("best-case",)
+        peers = ("best-case", "process-iter", "python-floor") if suffix == "1_sink" else ("best-case",)
         rows.append(row(
             f"throughput_{suffix}", 2, f"1 ms interval, all processes, {label}: records/s end to end "
                                        f"({plan.throughput:g} s)",
@@ -179,6 +181,11 @@ def figures(raw: dict[str, Any], plan: Plan) -> list[Figure]:
             {"psutil Process().as_dict(6 attrs)": dig(rescans, "new_pid_us", "psutil"),
              "one stat read (floor)": dig(rescans, "new_pid_us", "floor")},
             "one stat read (floor)", "one bounded read (≤ 2× the floor)", ratio_at_most=2),
+        row("rescan_new_pid_described", 4, "same, each also described (cmdline, exe, user, cgroup: what an "
+                                            "all-process target's start record needs)", "µs",
+            dig(rescans, "new_pid_us", "memagent described"),
+            {"psutil Process().as_dict(6 attrs)": dig(rescans, "new_pid_us", "psutil")},
+            "psutil Process().as_dict(6 attrs)", "—"),
     ]
     for which, target, limit in (("p50", "—", None), ("p99", "≤ 1 ms", 1.0)):
         label = (f"10 ms target next to a 1 s all-process target ({plan.timing:g} s): tick lateness p50"
