@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from memagent.config import TargetConfig
-from memagent.contracts import SAMPLE_CHUNK, Backend, Identity, ProcessInfo, SampleResult
+from memagent.contracts import SAMPLE_CHUNK, Backend, Describing, Identity, ProcessInfo, SampleResult
 from memagent.fanout import Fanout, Outlet
 from memagent.pipeline import Pipeline
 from memagent.records import RecordMaker
@@ -69,6 +69,11 @@ class Witness:
         except AssertionError:
             self.listings.append("loop blocked")
         return listed
+
+    def describe(self, process: ProcessInfo) -> ProcessInfo | None:
+        """The linux backend lists cheaply and describes what a target may watch (in the thread)."""
+        assert isinstance(self.backend, Describing)
+        return self.backend.describe(process)
 
     def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:
         self.timeline.append("chunk")
