@@ -218,7 +218,9 @@ class Backend(Protocol):
         ...
 
     def list_processes(self) -> list[ProcessInfo]:
-        """Every process visible now. Processes that vanish while listing are left out."""
+        """Every process visible now. Processes that vanish while listing are left out. May
+        return the very list it returned last time when nothing changed (the framework then
+        skips matching it again): nobody changes a returned list."""
         ...
 
     def sample(self, processes: Sequence[Identity], full: bool) -> list[SampleResult]:

@@ -144,6 +144,8 @@ class Scheduler:
         # identity -> how many listings had begun when a sample saw it gone; a listing that
         # began no later than that may still show it (see rescan)
         self._gone: dict[Identity, int] = {}
+        self._last_listing: list[ProcessInfo] | None = None  # the listing the last rescan resolved
+        self._retargeted = False  # selectors changed since that rescan
 
     @property
     def watched(self) -> int:
@@ -208,13 +210,24 @@ class Scheduler:
             # Gone before it began: no listing from now on can show them again, forget them.
             stale = {i for i, begun in self._gone.items() if begun >= listing}
             self._gone = {i: self._gone[i] for i in stale}
-            alive = {p.identity for p in processes} - stale
+            # the very listing resolved last time (a backend hands it back while nothing
+            # changed), the same selectors, nothing stale: the same members, unless a pidfile
+            # moved or the rss ranking of top / min_rss did
+            unchanged = processes is self._last_listing and not stale and not self._retargeted
+            self._last_listing, self._retargeted = processes, False
+            alive: set[Identity] | None = None
             self.counters.rescans += 1
             ts = iso_utc(time.time())
             drafts: list[Draft] = []
             for watch in self.watches:
+                config = watch.selector.config
+                if unchanged and config.pidfile is None and not limits_volume(config):
+                    self._note_matches(watch)
+                    continue
+                if alive is None:
+                    alive = {p.identity for p in processes} - stale
                 matched = watch.selector.resolve(p for p in processes if p.identity in alive)
-                if limits_volume(watch.selector.config):
+                if limits_volume(config):
                     matched = await self._largest(watch, matched)
                 for identity in [i for i in watch.members if i not in matched]:
                     info = watch.members[identity]
@@ -400,6 +413,7 @@ class Scheduler:
                     kept.selector = Selector(config)
                 watches.append(kept)
             self.watches = watches
+            self._retargeted = True
             self.pipeline.processors = list(processors)
             change()
             await self.pipeline.publish(drafts)

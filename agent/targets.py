@@ -208,6 +208,8 @@ def described_where_needed(processes: list[ProcessInfo], selectors: Iterable[Sel
     wanted: set[Identity] = set()
     for selector in selectors:
         wanted |= selector.candidates(processes)
+    if not any(not p.described and p.identity in wanted for p in processes):
+        return processes  # the very list: a rescan knows an unchanged listing by it
     listed = []
     for process in processes:
         if not process.described and process.identity in wanted:

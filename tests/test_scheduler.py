@@ -324,3 +324,62 @@ async def test_a_target_matching_nothing_is_warned_once_and_once_again_when_it_m
     assert len([m for m in messages if "matches no process" in m]) == 1
     assert len([m for m in messages if "matches 1 process(es) again" in m]) == 1
     assert scheduler.unmatched == 0
+
+
+class SameListing(FakeBackend):
+    """Hands back the very list it returned last time until the test changes ``processes`` (as
+    the linux backend does while nothing changed), and counts how often a selector resolves."""
+
+    def __init__(self, processes: list[ProcessInfo]) -> None:
+        super().__init__(processes)
+        self._handed: list[ProcessInfo] | None = None
+
+    def list_processes(self) -> list[ProcessInfo]:
+        if self._handed is None or self._handed != self.processes:
+            self._handed = list(self.processes)
+        return self._handed
+
+
+async def test_an_unchanged_listing_is_not_matched_again_until_selectors_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same listing object and the same selectors: members stay, no resolve. A new process,
+    a reload and a pidfile target are resolved again."""
+    resolved: list[str] = []
+    real_resolve = Selector.resolve
+
+    def counting(self: Selector, processes: Any) -> Any:
+        resolved.append(self.config.name)
+        return real_resolve(self, processes)
+
+    monkeypatch.setattr(Selector, "resolve", counting)
+    backend = SameListing([proc(10), proc(11)])
+    scheduler, sink, out = setup(backend)
+    await out.start()
+    await scheduler.rescan()
+    await scheduler.rescan()
+    await scheduler.rescan()
+    assert resolved == ["t"] and set(scheduler.watches[0].members) == {(10, 100.0), (11, 100.0)}
+    backend.processes = [proc(10)]  # 11 exited: a new listing
+    await scheduler.rescan()
+    assert resolved == ["t", "t"] and set(scheduler.watches[0].members) == {(10, 100.0)}
+    await scheduler.retarget([TargetConfig(name="t", interval=1.0, all=True),
+                              TargetConfig(name="u", interval=1.0, pid=10)], [])
+    await scheduler.rescan()
+    assert resolved == ["t", "t", "t", "u"]  # the same listing, new selectors
+    await scheduler.rescan()
+    assert resolved == ["t", "t", "t", "u"]
+    await finish(out)
+    kinds = [(r.type, r.target, r.pid) for r in sink.records]
+    assert kinds == [("start", "t", 10), ("start", "t", 11), ("exit", "t", 11), ("start", "u", 10)]
+
+
+async def test_a_pidfile_target_follows_its_file_over_an_unchanged_listing(tmp_path: Any) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    pidfile.write_text("10\n")
+    backend = SameListing([proc(10), proc(11)])
+    scheduler, sink, out = setup(backend, all=False, pidfile=str(pidfile))
+    await scheduler.rescan()
+    assert set(scheduler.watches[0].members) == {(10, 100.0)}
+    pidfile.write_text("11\n")  # the daemon's pid changed, the process listing did not
+    await scheduler.rescan()
+    assert set(scheduler.watches[0].members) == {(11, 100.0)}

@@ -312,6 +312,7 @@ class LinuxBackend:
         # each process's info, and the processes by pid % RESTAT_EVERY, all keyed by name
         self._inodes: dict[str, int] = {}
         self._known: dict[str, ProcessInfo] = {}
+        self._listing: list[ProcessInfo] | None = None  # list(_known.values()) until _known changes
         self._turns: list[set[str]] = [set() for _ in range(RESTAT_EVERY)]
         self._listings = 0
         self._users: dict[int, str] = {}
@@ -437,6 +438,7 @@ class LinuxBackend:
         described = self._describe(identity, comm, ppid)
         if self._known.get(name) is process:
             self._known[name] = described
+            self._listing = None
         return described
 
     def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
@@ -505,17 +507,22 @@ class LinuxBackend:
                 continue
             if name not in known:
                 self._turns[pid % RESTAT_EVERY].add(name)
-            known[name] = info
+            if known.get(name) is not info:
+                known[name] = info
+                self._listing = None
             inode = inodes[name]
             last[name] = _UNTRUSTED if inode == _UNKNOWN_INODE else inode
         self._malformed.note(malformed)
-        return list(known.values())
+        if self._listing is None:
+            self._listing = list(known.values())
+        return self._listing  # the very list while nothing changed (see Backend.list_processes)
 
     def _drop(self, name: str) -> None:
         """Forget a listing entry: its next listing reads it afresh."""
         self._inodes.pop(name, None)
         if self._known.pop(name, None) is not None:
             self._turns[int(name) % RESTAT_EVERY].discard(name)
+            self._listing = None
 
     # -- sampling --------------------------------------------------------------------------
 
