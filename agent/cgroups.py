@@ -1,8 +1,8 @@
 """A tick's cgroup pass: each cgroup of the processes a tick samples, read once, one record each.
 
-Before a tick samples its targets' processes, the scheduler hands their members here: they are
-grouped by :attr:`~memagent.contracts.ProcessInfo.memory_cgroup`, the backend reads each
-cgroup once (:class:`~memagent.contracts.CgroupReading`, at most
+Before a tick samples its targets' processes, the scheduler hands their members here, grouped
+by :attr:`~memagent.contracts.ProcessInfo.memory_cgroup` (anew only when members changed); the
+backend reads each cgroup once (:class:`~memagent.contracts.CgroupReading`, at most
 :data:`~memagent.contracts.SAMPLE_CHUNK` cgroups per call, yielding to the loop between calls)
 and each becomes one ``cgroup`` record, naming the targets watching processes in it. The records
 are published before the tick's samples, so a processor (the ``rss_above_limit`` alert rule) has
@@ -15,14 +15,14 @@ Not done: the root cgroup (the whole machine) and processes the backend could no
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from memagent.contracts import SAMPLE_CHUNK, CgroupReading, Identity, MemoryCgroup, ProcessInfo
 from memagent.pipeline import Pipeline
 from memagent.records import Draft
 
 
-class _Group:
+class CgroupGroup:
     """The watched processes of one cgroup this tick: their targets and a representative."""
 
     __slots__ = ("identities", "info", "targets")
@@ -34,9 +34,9 @@ class _Group:
 
 
 def group_by_cgroup(members: Iterable[tuple[str, Mapping[Identity, ProcessInfo]]],
-                    ) -> dict[MemoryCgroup, _Group]:
+                    ) -> dict[MemoryCgroup, CgroupGroup]:
     """(target name, its members) pairs → the cgroups they are in, with targets and processes."""
-    groups: dict[MemoryCgroup, _Group] = {}
+    groups: dict[MemoryCgroup, CgroupGroup] = {}
     for target, processes in members:
         for identity, info in processes.items():
             cgroup = info.memory_cgroup
@@ -44,17 +44,16 @@ def group_by_cgroup(members: Iterable[tuple[str, Mapping[Identity, ProcessInfo]]
                 continue
             group = groups.get(cgroup)
             if group is None:
-                group = groups[cgroup] = _Group(info)
+                group = groups[cgroup] = CgroupGroup(info)
             group.targets.add(target)
             group.identities.add(identity)
     return groups
 
 
 async def publish_cgroups(backend: CgroupReading, pipeline: Pipeline,
-                          members: Sequence[tuple[str, Mapping[Identity, ProcessInfo]]], ts: str) -> None:
-    """Read the cgroups of ``members`` (target name, members) once each and publish a ``cgroup``
-    record per cgroup read. A backend exception propagates (the scheduler counts it)."""
-    groups = group_by_cgroup(members)
+                          groups: Mapping[MemoryCgroup, CgroupGroup], ts: str) -> None:
+    """Read the cgroups of ``groups`` (from :func:`group_by_cgroup`) once each and publish a
+    ``cgroup`` record per cgroup read. A backend exception propagates (the scheduler counts it)."""
     cgroups = list(groups)
     maker = pipeline.maker
     for start in range(0, len(cgroups), SAMPLE_CHUNK):

@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from memagent.cgroups import publish_cgroups
+from memagent.cgroups import CgroupGroup, group_by_cgroup, publish_cgroups
 from memagent.config import TargetConfig
 from memagent.contracts import (
     SAMPLE_CHUNK,
@@ -45,6 +45,7 @@ from memagent.contracts import (
     Failure,
     Gone,
     Identity,
+    MemoryCgroup,
     ProcessInfo,
     Reading,
     SampleResult,
@@ -146,6 +147,8 @@ class Scheduler:
         self._gone: dict[Identity, int] = {}
         self._last_listing: list[ProcessInfo] | None = None  # the listing the last rescan resolved
         self._retargeted = False  # selectors changed since that rescan
+        self._member_changes = 0  # members added or released, ever: when to group cgroups anew
+        self._grouped: tuple[tuple[int, tuple[str, ...]], dict[MemoryCgroup, CgroupGroup]] | None = None
 
     @property
     def watched(self) -> int:
@@ -154,8 +157,17 @@ class Scheduler:
 
     def _hold(self, identity: Identity) -> None:
         self._holders[identity] = self._holders.get(identity, 0) + 1
+        self._member_changes += 1
+
+    def _cgroup_groups(self, watches: Sequence[Watch]) -> dict[MemoryCgroup, CgroupGroup]:
+        """The cgroups of ``watches``' members, grouped anew only when members changed."""
+        key = (self._member_changes, tuple(watch.name for watch in watches))
+        if self._grouped is None or self._grouped[0] != key:
+            self._grouped = key, group_by_cgroup([(watch.name, watch.members) for watch in watches])
+        return self._grouped[1]
 
     def _release(self, watch: Watch, identity: Identity) -> None:
+        self._member_changes += 1
         watch.members.pop(identity, None)
         watch.reported.pop(identity, None)
         watch.last_rss.pop(identity, None)
@@ -291,8 +303,7 @@ class Scheduler:
             ts = iso_utc(time.time())
             if isinstance(self.backend, CgroupReading):  # before the samples: see memagent.cgroups
                 try:
-                    watched = [(watch.name, watch.members) for watch in watches]
-                    await publish_cgroups(self.backend, self.pipeline, watched, ts)
+                    await publish_cgroups(self.backend, self.pipeline, self._cgroup_groups(watches), ts)
                 except Exception as exc:  # noqa: BLE001 - see _backend_trouble
                     self._backend_trouble("reading cgroups", exc)
                 else:

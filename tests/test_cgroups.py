@@ -285,6 +285,27 @@ async def test_one_cgroup_record_per_cgroup_per_tick_before_the_samples(
     assert starts[10]["container"]["pod_uid"] == POD_UID and "container" not in starts[20]
 
 
+async def test_a_cgroup_record_counts_the_processes_in_it_as_they_come_and_go() -> None:
+    """Grouping is kept from tick to tick: an exit and a new member show at the next tick."""
+    processes = [member(20, DOCKER), member(21, DOCKER)]
+    backend = CgroupBackend(processes)
+    backend.readings = {p.pid: ({"rss": 4096, "vms": 8192}, {"shared": 0}) for p in processes}
+    scheduler, sink, out = two_target_scheduler(backend)
+    await out.start()
+    await scheduler.rescan()
+    await scheduler.sample(scheduler.watches)
+    del backend.readings[21]  # exits: the tick sees it gone
+    await scheduler.sample(scheduler.watches)
+    await scheduler.sample(scheduler.watches)
+    backend.processes = [member(20, DOCKER), member(22, DOCKER)]
+    backend.readings[22] = ({"rss": 4096, "vms": 8192}, {"shared": 0})
+    await scheduler.rescan()
+    await scheduler.sample(scheduler.watches)
+    await out.drain(time.monotonic() + scaled(5))
+    counts = [r.fields["processes"] for r in sink.records if r.type == "cgroup"]
+    assert counts == [2, 2, 1, 2]  # the exit is seen during the second tick, after its cgroup record
+
+
 async def test_exit_reason_comes_from_the_backend() -> None:
     """A process the backend explains ends with reason oom_kill, whether a sample or a rescan
     sees it gone; another without a reason."""
