@@ -205,6 +205,8 @@ def described_where_needed(processes: list[ProcessInfo], selectors: Iterable[Sel
     """``processes`` with every process some selector may watch described (``describe``: a
     :class:`~memagent.contracts.Describing` backend's); one that vanished meanwhile is left out.
     Blocking reads: call it in the listing's worker thread."""
+    if all(p.described for p in processes):
+        return processes  # the common case at rest: nothing new
     wanted: set[Identity] = set()
     for selector in selectors:
         wanted |= selector.candidates(processes)

@@ -473,15 +473,17 @@ class LinuxBackend:
         with os.scandir(self.procfs) as entries:
             inodes = {entry.name: entry.inode() for entry in entries}
         last, known = self._inodes, self._known
-        exited = last.keys() - inodes.keys()
-        for name in exited:
-            self._drop(name)
-        # new pids, reused pids, entries evicted and recreated
-        changed = {name for name, _ in inodes.items() - last.items()}
-        # a process whose parent's entry went or changed (exited, maybe replaced) was reparented
-        parents = {int(name) for name in exited | changed if name.isdigit()}
-        if parents:
-            changed.update(name for name, info in known.items() if info.ppid in parents)
+        changed: set[str] = set()
+        if inodes != last:  # (equal, the common case at rest: nothing came, went or changed)
+            exited = last.keys() - inodes.keys()
+            for name in exited:
+                self._drop(name)
+            # new pids, reused pids, entries evicted and recreated
+            changed = {name for name, _ in inodes.items() - last.items()}
+            # a process whose parent's entry went or changed (exited, maybe replaced) was reparented
+            parents = {int(name) for name in exited | changed if name.isdigit()}
+            if parents:
+                changed.update(name for name, info in known.items() if info.ppid in parents)
         self._listings += 1
         changed |= self._turns[self._listings % RESTAT_EVERY]
         malformed: list[str] = []
