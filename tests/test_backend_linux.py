@@ -273,13 +273,18 @@ def test_fd_budget_counts_statm_and_rollup_fds_together(tmp_path: Path) -> None:
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The procfs files the linux backend reads by path from now on (held fds are not paths)."""
     paths: list[str] = []
-    real = linux.read_bounded
+    real_bounded, real_once = linux.read_bounded, linux.read_once
 
     def counting(path: str, limit: int) -> tuple[bytes, bool]:
         paths.append(path)
-        return real(path, limit)
+        return real_bounded(path, limit)
+
+    def counting_once(path: str, limit: int) -> bytes:
+        paths.append(path)
+        return real_once(path, limit)
 
     monkeypatch.setattr(linux, "read_bounded", counting)
+    monkeypatch.setattr(linux, "read_once", counting_once)
     return paths
 
 
