@@ -312,7 +312,7 @@ class Scheduler:
                 config = watch.selector.config
                 full = full_now(config, watch.ticks)
                 watch.ticks += 1
-                identities = list(watch.members)
+                identities, infos = list(watch.members), list(watch.members.values())
                 for start in range(0, len(identities), SAMPLE_CHUNK):
                     chunk = identities[start:start + SAMPLE_CHUNK]
                     drafts: list[Draft] = []
@@ -322,12 +322,12 @@ class Scheduler:
                         self._backend_trouble("sampling", exc)
                         continue
                     self._backend_fine("sampling")
-                    members, name, sample = watch.members, watch.name, self.maker.sample
-                    for identity, result in zip(chunk, results, strict=True):
+                    name, sample = watch.name, self.maker.sample
+                    # members change during a tick only by _emit, each for its own process
+                    chunk_infos = infos[start:start + SAMPLE_CHUNK]
+                    for identity, info, result in zip(chunk, chunk_infos, results, strict=True):
                         if type(result) is Reading and not result.problems:  # the common case, inline
-                            info = members.get(identity)
-                            if info is not None:
-                                drafts.append(sample(name, info, result, ts))
+                            drafts.append(sample(name, info, result, ts))
                         else:
                             self._emit(watch, identity, result, ts, drafts)
                     await self.pipeline.publish(drafts)
