@@ -37,6 +37,7 @@ class is derived from :class:`Backend` and :class:`Sink` (:func:`protocol_member
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -299,6 +300,9 @@ class LazyFields(Protocol):
         ...
 
 
+_MAKING_FIELDS = threading.Lock()
+
+
 class Record:
     """One schema-v1 record, encoded once. ``json`` is the orjson encoding of ``fields``
     (no trailing newline), shared by every sink. Treat ``fields`` as read-only.
@@ -324,10 +328,13 @@ class Record:
     @property
     def fields(self) -> Mapping[str, Any]:
         fields = self._fields
-        if fields is None:
-            assert self._lazy is not None  # one of them is set (__init__)
-            fields = self._fields = self._lazy.fields_at(self.seq)
-            self._lazy = None
+        if fields is None:  # made once, also when sinks on the loop and in threads ask at once
+            with _MAKING_FIELDS:
+                fields = self._fields
+                if fields is None:
+                    assert self._lazy is not None  # one of them is set (__init__)
+                    fields = self._fields = self._lazy.fields_at(self.seq)
+                    self._lazy = None
         return fields
 
     def __eq__(self, other: object) -> bool:

@@ -23,9 +23,9 @@ from memagent.record_types import record_type
 
 SCHEMA_VERSION = 1
 
-#: At most this many processes' last samples are kept encoded (more: all are forgotten and made
-#: anew, so a host with more watched processes still works, only slower).
-MAX_KEPT_SAMPLES = 200_000
+#: At most this many processes' last samples are kept encoded (~1.5 KiB each; past it, all are
+#: forgotten and made anew: a host watching more processes still works, only slower).
+MAX_KEPT_SAMPLES = 65_536
 
 
 class Draft:
@@ -60,7 +60,7 @@ class Draft:
         fields = self._fields
         if fields is None:
             assert self.source is not None  # one of them is set (__init__)
-            fields = self._fields = self.source.fields(self.ts)
+            fields = self._fields = self.source.fields(self.ts, to_change=True)
         return fields
 
     @property
@@ -100,9 +100,15 @@ class SampleSource(NamedTuple):
     template: dict[str, Any]
     body: bytes | None
 
-    def fields(self, ts: str) -> dict[str, Any]:
+    def fields(self, ts: str, *, to_change: bool = False) -> dict[str, Any]:
+        """The record at ``ts`` (its ``seq`` still 0). ``to_change``: its nested mappings
+        copied too, so changing them leaves the kept template, bytes and Reading alone."""
         fields = dict(self.template)
         fields["ts"] = ts
+        if to_change:
+            for key, value in fields.items():
+                if isinstance(value, dict):
+                    fields[key] = dict(value)
         return fields
 
 
@@ -125,20 +131,41 @@ class RecordMaker:
     def __init__(self, *, host: str, os_name: str, backend: str, tags: dict[str, str],
                  run: str | None = None) -> None:
         self.run = run or new_run_id()
-        self.host = host
         self.os = os_name
         self.backend = backend
-        self.tags = dict(tags)
         self._seq = 0
         self._pid = os.getpid()
         self._started_text: dict[float, str] = {}
         # each watched process's last sample, encoded: see sample() and seal_all()
         self._samples: dict[tuple[str, int], SampleSource] = {}
+        self._host, self._tags = host, dict(tags)
         opening = orjson.dumps({"schema": SCHEMA_VERSION, "type": "sample", "seq": 0, "run": self.run,
                                 "ts": ""})
         self._sample_opening = opening[:-1]  # '{"schema":1,…,"ts":""' without its closing brace
         self._sample_head = opening[:opening.index(b'"seq":0') + len(b'"seq":')]
         self._sample_mid = opening[opening.index(b'"seq":0') + len(b'"seq":0'):-len(b'"}')]
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @host.setter
+    def host(self, host: str) -> None:
+        """A reload's new hostname: from now on in every record, kept sample bytes included."""
+        if host != self._host:
+            self._host = host
+            self._samples.clear()
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self._tags
+
+    @tags.setter
+    def tags(self, tags: dict[str, str]) -> None:
+        """A reload's new tags: from now on in every record, kept sample bytes included."""
+        if tags != self._tags:
+            self._tags = dict(tags)
+            self._samples.clear()
 
     @property
     def last_seq(self) -> int:

@@ -3,6 +3,8 @@ sample sealed from bytes kept since the last tick is exactly what encoding it gi
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,55 @@ def test_what_is_kept_goes_with_the_process_exit() -> None:
     assert len(maker._samples) == 2  # noqa: SLF001
     maker.seal(maker.exit("t", INFO, ts))
     assert list(maker._samples) == [("u", 42)]  # noqa: SLF001
+
+
+def test_a_reloaded_hostname_or_tags_reach_kept_sample_bytes() -> None:
+    """A reload changes the maker's host and tags; an unchanged process's next sample has them."""
+    maker = _maker(env="old")
+    reading = _reading(4096)
+    maker.seal(maker.sample("t", INFO, reading, iso_utc(1_800_000_000.0)))
+    maker.host, maker.tags = "new-host", {"env": "new"}  # what a reload does
+    record = maker.seal(maker.sample("t", INFO, reading, iso_utc(1_800_000_001.0)))
+    assert orjson.loads(record.json)["host"] == "new-host" and record.fields["tags"] == {"env": "new"}
+    assert orjson.loads(record.json) == record.fields
+
+
+def test_changing_a_drafts_nested_fields_leaves_the_kept_bytes_alone() -> None:
+    """A processor may change a draft's fields, nested ones too: that record says so, the next
+    tick's record of the same unchanged reading is as the process really is."""
+    maker = _maker()
+    reading = _reading(4096)
+    draft = maker.sample("t", INFO, reading, iso_utc(1_800_000_000.0))
+    draft.fields["portable"]["rss"] = 0
+    assert orjson.loads(maker.seal(draft).json)["portable"]["rss"] == 0
+    assert reading.portable["rss"] == 4096
+    record = maker.seal(maker.sample("t", INFO, reading, iso_utc(1_800_000_001.0)))
+    assert orjson.loads(record.json)["portable"]["rss"] == 4096 == record.fields["portable"]["rss"]
+
+
+def test_lazy_fields_are_made_once_when_threads_ask_together() -> None:
+    """Sinks in worker threads (otlp) and on the loop may ask a shared record for its fields at
+    once: every caller gets the same mapping."""
+    maker = _maker()
+    reading = _reading(4096)
+    maker.seal(maker.sample("t", INFO, reading, iso_utc(1_800_000_000.0)))
+    ts = iso_utc(1_800_000_001.0)
+    records = maker.seal_all([maker.sample("t", INFO, reading, ts) for _ in range(2000)])
+    seen: list[list[int]] = [[], []]
+    barrier = threading.Barrier(2)
+
+    def ask(into: list[int]) -> None:
+        barrier.wait()
+        into.extend(id(r.fields) for r in records)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=ask, args=(out,)) for out in seen]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert seen[0] == seen[1]
