@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,9 @@ class Scheduler:
         self._last_listing: list[ProcessInfo] | None = None  # the listing the last rescan resolved
         self._retargeted = False  # selectors changed since that rescan
         self._member_changes = 0  # members added or released, ever: when to group cgroups anew
-        self._grouped: tuple[tuple[int, tuple[str, ...]], dict[MemoryCgroup, CgroupGroup]] | None = None
+        # per ticker (its targets' names): the member changes it was grouped at, and the groups
+        self._grouped: dict[tuple[str, ...], tuple[int, dict[MemoryCgroup, CgroupGroup]]] = {}
+        self._listing = threading.Lock()
 
     @property
     def watched(self) -> int:
@@ -161,10 +164,14 @@ class Scheduler:
 
     def _cgroup_groups(self, watches: Sequence[Watch]) -> dict[MemoryCgroup, CgroupGroup]:
         """The cgroups of ``watches``' members, grouped anew only when members changed."""
-        key = (self._member_changes, tuple(watch.name for watch in watches))
-        if self._grouped is None or self._grouped[0] != key:
-            self._grouped = key, group_by_cgroup([(watch.name, watch.members) for watch in watches])
-        return self._grouped[1]
+        names = tuple(watch.name for watch in watches)
+        kept = self._grouped.get(names)
+        if kept is None or kept[0] != self._member_changes:
+            if len(self._grouped) > 64:  # bounded: reloads renaming targets again and again
+                self._grouped.clear()
+            groups = group_by_cgroup([(watch.name, watch.members) for watch in watches])
+            kept = self._grouped[names] = (self._member_changes, groups)
+        return kept[1]
 
     def _release(self, watch: Watch, identity: Identity) -> None:
         self._member_changes += 1
@@ -199,13 +206,14 @@ class Scheduler:
     def _list(self) -> list[ProcessInfo]:
         """Blocking: re-read pidfiles, list processes, describe those a target may watch (a
         :class:`~memagent.contracts.Describing` backend's). Runs in a worker thread."""
-        selectors = [watch.selector for watch in self.watches]
-        for selector in selectors:
-            selector.refresh()
-        processes = self.backend.list_processes()
-        if isinstance(self.backend, Describing):
-            processes = described_where_needed(processes, selectors, self.backend.describe)
-        return processes
+        with self._listing:  # a reload's rescan and the periodic one: never two listings at once
+            selectors = [watch.selector for watch in self.watches]
+            for selector in selectors:
+                selector.refresh()
+            processes = self.backend.list_processes()
+            if isinstance(self.backend, Describing):
+                processes = described_where_needed(processes, selectors, self.backend.describe)
+            return processes
 
     async def rescan(self) -> None:
         """List processes (in a thread) and update every target's members."""
@@ -239,6 +247,9 @@ class Scheduler:
                 if alive is None:
                     alive = {p.identity for p in processes} - stale
                 matched = watch.selector.resolve(p for p in processes if p.identity in alive)
+                # not described: matched by selectors a reload brought after the listing began;
+                # the next listing describes it, and it starts then, whole
+                matched = {i: p for i, p in matched.items() if p.described or i in watch.members}
                 if limits_volume(config):
                     matched = await self._largest(watch, matched)
                 for identity in [i for i in watch.members if i not in matched]:
@@ -248,9 +259,7 @@ class Scheduler:
                                                   self._exit_reason(info) if gone else "unwatched"))
                     self._release(watch, identity)
                 for identity, info in matched.items():
-                    # not described: matched by selectors a reload brought after the listing
-                    # began; the next listing describes it, and it starts then, whole
-                    if identity not in watch.members and info.described:
+                    if identity not in watch.members:
                         watch.members[identity] = info
                         self._hold(identity)
                         drafts.append(self.maker.start(watch.name, info, ts))

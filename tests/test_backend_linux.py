@@ -45,6 +45,8 @@ from cli_helpers import (
     wait_for,
 )
 from procfs_fixture import (
+    BTIME,
+    CLK_TCK,
     FIXTURE_PROC,
     FakeProc,
     build_procfs,
@@ -816,3 +818,22 @@ async def test_a_target_judged_on_details_describes_every_new_process(tmp_path: 
     starts = await starts_after_rescan(proc, **target)
     assert sorted(s["pid"] for s in starts) == [100, 101, 102, 103, 104]
     assert all(s["cmdline"] == ["/usr/bin/worker", "--serve"] and s["user"] == "root" for s in starts)
+
+
+async def test_a_process_listed_before_its_exec_is_matched_after_it(tmp_path: Path) -> None:
+    """Listed between fork and exec, a process shows its parent's command line; while it is
+    young it is described again, so a target naming its real command line starts it."""
+    young_ticks = int((time.time() - BTIME) * CLK_TCK)  # started just now
+    forked = FakeProc(pid=70, comm="python3", start_ticks=young_ticks,
+                      cmdline=("python3", "-m", "pytest"))
+    proc = build_procfs(tmp_path, [forked])
+    scheduler, sink, out = scheduler_on(proc, cmdline=re.compile("memagent-exec-marker"))
+    await out.start()
+    await scheduler.rescan()
+    assert scheduler.watches[0].members == {}
+    # its exec: the same pid, the same start time, a new command line
+    (proc / "70" / "cmdline").write_text("python3\0-c\0memagent-exec-marker\0")
+    await scheduler.rescan()
+    await out.drain(time.monotonic() + 5)
+    [start] = [dict(r.fields) for r in sink.records if r.type == "start"]
+    assert (start["pid"], start["cmdline"]) == (70, ["python3", "-c", "memagent-exec-marker"])

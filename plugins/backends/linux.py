@@ -113,6 +113,9 @@ _CGROUP_BYTES = 64 * 1024  # <pid>/cgroup: one line per v1 hierarchy, each a pat
 _BOOT_STAT_BYTES = 1 << 20  # /proc/stat: one line per cpu before btime; 1 MiB is ~10,000 cpus
 _ROLLUP_BYTES = 64 * 1024  # smaps_rollup: about 25 lines, under 1 KiB
 _MEMINFO_BYTES = 16 * 1024  # /proc/meminfo: MemTotal is its first line
+#: A process described younger than this (seconds) is described again at later listings: one
+#: listed between its fork and its exec showed its parent's command line and exe.
+SETTLED_AFTER = 2.0
 #: An unchanged statm's Reading is reused, but ``<pid>/status`` is read again at least every this
 #: many samples of a process, for a peak (``VmHWM``) reached and left between two ticks: 1/64 of
 #: a status read per process and tick at rest.
@@ -438,8 +441,10 @@ class LinuxBackend:
 
     def describe(self, process: ProcessInfo) -> ProcessInfo | None:
         """``process`` with its command line, exe, user and cgroups read (see
-        :class:`~memagent.contracts.Describing`); kept for later listings. None if its pid is
-        gone or is another process now."""
+        :class:`~memagent.contracts.Describing`); kept for later listings once the process is
+        :data:`SETTLED_AFTER` seconds old (a younger one may not have exec'd yet: listed between
+        its fork and its exec, it shows its parent's command line, so it is described again at
+        each listing until then). None if its pid is gone or is another process now."""
         name = str(process.pid)
         try:
             identity, comm, ppid = self._identity(process.pid)
@@ -448,7 +453,7 @@ class LinuxBackend:
         if identity != process.identity:
             return None
         described = self._describe(identity, comm, ppid)
-        if self._known.get(name) is process:
+        if self._known.get(name) is process and time.time() - process.started >= SETTLED_AFTER:
             self._known[name] = described
             self._listing = None
         return described
