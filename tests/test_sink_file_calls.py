@@ -106,3 +106,36 @@ def test_dev_null_is_written_on_the_loop_and_a_terminal_or_pipe_is_not(tmp_path:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def mountinfo_of(path: Path, kinds: dict[int, str]) -> Path:
+    """A mountinfo file naming each device of ``kinds`` a mount of that filesystem type."""
+    lines = [f"{20 + n} 1 {os.major(device)}:{os.minor(device)} / /m{n} rw - {kind} src rw"
+             for n, (device, kind) in enumerate(kinds.items())]
+    out = path / "mountinfo"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_a_path_through_a_network_filesystem_is_not_looked_up_on_the_loop(tmp_path: Path) -> None:
+    """The file sink stats its path by name: every directory on the way must be local too."""
+    live = tmp_path / "live.ndjson"
+    live.write_bytes(b"")
+    directories = {os.stat(d).st_dev for d in [live.parent, *live.parents]}
+    local = {device: "ext4" for device in directories | {os.stat(live).st_dev}}
+    calls = FileCalls("f", RecordingLogger("f"), str(mountinfo_of(tmp_path, local)))
+    calls.opened(os.stat(live), str(live))
+    assert calls.direct is True
+    above = {**local, os.stat("/").st_dev: "nfs4"}  # the root directory on NFS
+    calls = FileCalls("f", RecordingLogger("f"), str(mountinfo_of(tmp_path, above)))
+    calls.opened(os.stat(live), str(live))
+    assert calls.direct is False
+
+
+def test_a_directory_others_may_write_is_never_looked_up_on_the_loop(tmp_path: Path) -> None:
+    """Whoever may write the directory may put a mount of their own at the file's name."""
+    live = tmp_path / "live.ndjson"
+    live.write_bytes(b"")
+    calls = FileCalls("f", RecordingLogger("f"))
+    calls.opened(os.stat(live), str(live), shared=True)
+    assert calls.direct is False

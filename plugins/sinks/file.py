@@ -186,7 +186,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._file, self.path = handle, path
         self._identity = (opened.st_dev, opened.st_ino)
         self._regular = stat.S_ISREG(opened.st_mode)
-        self._calls.opened(opened)
+        await asyncio.to_thread(self._calls.opened, opened, path, shared=shared)
         self._size = opened.st_size
         if self._open_problem is not None:
             self.context.log.info("file sink %s: %s is writable again", self.context.name, path)

@@ -7,9 +7,10 @@ to a regular file on a local filesystem only copies into the page cache, so :cla
 makes those calls directly on the event loop when the file is a regular file on a filesystem of
 :data:`LOCAL_FILESYSTEMS` (from ``/proc/self/mountinfo``, matched by device), or /dev/null.
 
-Guarantees: a network or FUSE filesystem, an unknown one, a FIFO, a socket, a terminal or a
-device other than /dev/null is always written from a worker thread (it may block for as long as
-its server or reader likes). A direct call that still takes longer than :data:`SLOW_CALL` (a
+Guarantees: a network or FUSE filesystem, an unknown one (for the file or any directory on its
+path), a directory others may write, a FIFO, a socket, a terminal or a device other than
+/dev/null is always written from a worker thread (it may block for as long as its server or
+reader likes). A direct call that still takes longer than :data:`SLOW_CALL` (a
 disk stalled, writeback throttling) is reported once and sends every later call of that sink to
 a worker thread: the loop is held that long at most once. Not guaranteed: that the first slow
 call is not slower than that.
@@ -37,21 +38,44 @@ MOUNTINFO_BYTES = 4 << 20  # bounded: a host with thousands of mounts still fits
 T = TypeVar("T")
 
 
-def filesystem_of(device: int, mountinfo: str = MOUNTINFO) -> str | None:
-    """The filesystem type of the mount whose device is ``device`` (``st_dev``), or None if no
-    line of ``mountinfo`` names it (or it cannot be read)."""
-    wanted = f"{os.major(device)}:{os.minor(device)}".encode()
+def filesystems(mountinfo: str = MOUNTINFO) -> dict[str, str]:
+    """``major:minor`` → filesystem type of every mount in ``mountinfo`` (empty if unreadable)."""
     try:
         with open(mountinfo, "rb") as file:
             data = file.read(MOUNTINFO_BYTES)
     except OSError:
-        return None
+        return {}
+    found: dict[str, str] = {}
     for line in data.split(b"\n"):
         fields = line.split(b" ")
-        if len(fields) > 2 and fields[2] == wanted and b"-" in fields[6:]:
+        if len(fields) > 2 and b"-" in fields[6:]:
             after = fields[fields.index(b"-", 6) + 1:]
-            return after[0].decode("ascii", "replace") if after else None
-    return None
+            if after:
+                found.setdefault(fields[2].decode("ascii", "replace"), after[0].decode("ascii", "replace"))
+    return found
+
+
+def filesystem_of(device: int, mountinfo: str = MOUNTINFO) -> str | None:
+    """The filesystem type of the mount whose device is ``device`` (``st_dev``), or None if no
+    line of ``mountinfo`` names it (or it cannot be read)."""
+    return filesystems(mountinfo).get(_device_key(device))
+
+
+def _device_key(device: int) -> str:
+    return f"{os.major(device)}:{os.minor(device)}"
+
+
+def _path_devices(path: str) -> set[int]:
+    """The devices of ``path``'s directory and of each directory above it (what a ``stat`` of
+    the path walks through). OSError if one cannot be looked at."""
+    devices = set()
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        devices.add(os.stat(directory).st_dev)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return devices
+        directory = parent
 
 
 class FileCalls:
@@ -64,15 +88,28 @@ class FileCalls:
         self.direct = False
         self._slow = False  # once a direct call was slow: threads for good
 
-    def opened(self, opened: os.stat_result) -> None:
-        """A new live file: decide for it (``opened`` is its fstat)."""
-        if self._slow:
+    def opened(self, opened: os.stat_result, path: str | None = None, *, shared: bool = False) -> None:
+        """A new file: decide for it. ``opened`` is its fstat; ``path``, when calls will look it
+        up by name (the file sink's ``stat``), is checked too: every directory on the way must be
+        local as well, and ``shared`` (others may write its directory, so may put a mount of
+        their own at its name) sends them to a worker thread. Blocking (reads mountinfo, stats
+        the path's directories): call it from a worker thread."""
+        if self._slow or shared:
             self.direct = False
         elif stat.S_ISCHR(opened.st_mode):
             self.direct = opened.st_rdev == NULL_DEVICE
+        elif not stat.S_ISREG(opened.st_mode):
+            self.direct = False
         else:
-            self.direct = (stat.S_ISREG(opened.st_mode)
-                           and filesystem_of(opened.st_dev, self.mountinfo) in LOCAL_FILESYSTEMS)
+            devices = {opened.st_dev}
+            if path is not None:
+                try:
+                    devices |= _path_devices(path)
+                except OSError:
+                    self.direct = False
+                    return
+            kinds = filesystems(self.mountinfo)
+            self.direct = all(kinds.get(_device_key(device)) in LOCAL_FILESYSTEMS for device in devices)
 
     async def run(self, call: Callable[[], T]) -> T:
         """``call()`` directly when direct, else in a worker thread."""

@@ -14,6 +14,7 @@ was the only sink, the agent stops with exit 1. Other write errors are retried w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
@@ -55,7 +56,7 @@ type = "stdout"
         if self._stream is None:
             self._stream = sys.stdout.buffer
         with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # no real fd: threads
-            self._calls.opened(os.fstat(self._stream.fileno()))
+            await asyncio.to_thread(self._calls.opened, os.fstat(self._stream.fileno()))
 
     def _encode(self, batch: Sequence[Record]) -> bytes:
         if self.text:
