@@ -837,3 +837,22 @@ async def test_a_process_listed_before_its_exec_is_matched_after_it(tmp_path: Pa
     await out.drain(time.monotonic() + 5)
     [start] = [dict(r.fields) for r in sink.records if r.type == "start"]
     assert (start["pid"], start["cmdline"]) == (70, ["python3", "-c", "memagent-exec-marker"])
+
+
+async def test_a_young_process_exiting_keeps_its_description(tmp_path: Path) -> None:
+    """Described again while young, a process caught exiting (a zombie's command line is empty)
+    keeps what it was: still watched until it is gone, never ``unwatched`` on its way out."""
+    young_ticks = int((time.time() - BTIME) * CLK_TCK)
+    victim = FakeProc(pid=71, start_ticks=young_ticks, cmdline=("python3", "-c", "memagent-dying-marker"))
+    proc = build_procfs(tmp_path, [victim])
+    scheduler, sink, out = scheduler_on(proc, cmdline=re.compile("memagent-dying-marker"))
+    await out.start()
+    await scheduler.rescan()
+    assert list(scheduler.watches[0].members) == [(71, started(victim))]
+    (proc / "71" / "cmdline").write_text("")  # killed, not yet reaped
+    await scheduler.rescan()
+    assert list(scheduler.watches[0].members) == [(71, started(victim))]
+    shutil.rmtree(proc / "71")  # reaped
+    await scheduler.rescan()
+    await out.drain(time.monotonic() + 5)
+    assert [(r.type, r.fields.get("reason")) for r in sink.records] == [("start", None), ("exit", None)]

@@ -327,6 +327,7 @@ class LinuxBackend:
         self._inodes: dict[str, int] = {}
         self._known: dict[str, ProcessInfo] = {}
         self._listing: list[ProcessInfo] | None = None  # list(_known.values()) until _known changes
+        self._young: dict[str, ProcessInfo] = {}  # the last description of each process not yet settled
         self._turns: list[set[str]] = [set() for _ in range(RESTAT_EVERY)]
         self._listings = 0
         self._users: dict[int, str] = {}
@@ -444,7 +445,8 @@ class LinuxBackend:
         :class:`~memagent.contracts.Describing`); kept for later listings once the process is
         :data:`SETTLED_AFTER` seconds old (a younger one may not have exec'd yet: listed between
         its fork and its exec, it shows its parent's command line, so it is described again at
-        each listing until then). None if its pid is gone or is another process now."""
+        each listing until then; one exiting meanwhile, whose command line and exe are gone,
+        keeps its last description). None if its pid is gone or is another process now."""
         name = str(process.pid)
         try:
             identity, comm, ppid = self._identity(process.pid)
@@ -453,9 +455,17 @@ class LinuxBackend:
         if identity != process.identity:
             return None
         described = self._describe(identity, comm, ppid)
-        if self._known.get(name) is process and time.time() - process.started >= SETTLED_AFTER:
+        earlier = self._young.get(name)
+        if earlier is not None and earlier.identity == identity and not (described.cmdline or described.exe):
+            described = earlier  # exiting (a zombie has neither): it keeps what it was
+        if self._known.get(name) is not process:
+            return described
+        if time.time() - process.started >= SETTLED_AFTER:
             self._known[name] = described
             self._listing = None
+            self._young.pop(name, None)
+        else:
+            self._young[name] = described
         return described
 
     def _describe(self, identity: Identity, comm: str, ppid: int) -> ProcessInfo:
@@ -539,6 +549,7 @@ class LinuxBackend:
     def _drop(self, name: str) -> None:
         """Forget a listing entry: its next listing reads it afresh."""
         self._inodes.pop(name, None)
+        self._young.pop(name, None)
         if self._known.pop(name, None) is not None:
             self._turns[int(name) % RESTAT_EVERY].discard(name)
             self._listing = None
