@@ -15,7 +15,7 @@ import pytest
 from memagent.errors import ConfigError, SinkError
 from memagent.options import Options
 from memagent.plugins.sinks.file import FileSink
-from memagent.plugins.sinks.file_rotation import archives_of, next_boundary
+from memagent.plugins.sinks.file_rotation import archives_of, compress, next_boundary
 from memagent.testing import make_records, sink_context
 
 from filesink_helpers import can_mount, file_sink, read_lines, seqs_in_order, tmpfs
@@ -54,6 +54,19 @@ async def test_size_rotation_keeps_every_line_once_in_order(tmp_path: Path) -> N
     assert len(archives) == sink.context.counters["rotations"] >= 50
     assert all(a.endswith(".gz") for a in archives)
     assert archives == sorted(archives)
+
+
+def test_an_archive_pruned_before_its_turn_to_be_compressed_is_no_error(tmp_path: Path) -> None:
+    """Rotations can outpace gzip: an archive may be pruned (keep reached) while it waits for its
+    turn. Compressing it then finds nothing to do — not an archive error (a loaded run saw one)."""
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert compress(directory, str(tmp_path / "m.ndjson.2026-11-26T03-32-46.163295"), 0o640) is None
+        (tmp_path / "m.ndjson.2026-11-26T03-32-47.000000").write_bytes(b'{"seq":1}\n')
+        packed = compress(directory, str(tmp_path / "m.ndjson.2026-11-26T03-32-47.000000"), 0o640)
+    finally:
+        os.close(directory)
+    assert packed is not None and sorted(p.name for p in tmp_path.iterdir()) == [Path(packed).name]
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -154,8 +154,10 @@ def next_boundary(now: float, interval: float) -> float:
     return (math.floor(now / interval) + 1) * interval
 
 
-def compress(directory: int, path: str, mode: int) -> str:
-    """gzip the archive ``path`` (in ``directory``) to ``path.gz``, then remove ``path``.
+def compress(directory: int, path: str, mode: int) -> str | None:
+    """gzip the archive ``path`` (in ``directory``) to ``path.gz``, then remove ``path``; None if
+    the archive is no longer there (pruned while it waited its turn, when rotations outpace
+    compression, or removed by hand): nothing to compress.
 
     The archive must be a regular file of ours (:func:`check_opened`), opened without following
     a link. The gzip goes to ``path.gz.partial``, created afresh (``O_EXCL``; an entry already
@@ -164,7 +166,10 @@ def compress(directory: int, path: str, mode: int) -> str:
     """
     name = os.path.basename(path)
     partial = name + ".gz.partial"
-    source = open_entry(directory, name, os.O_RDONLY | os.O_NONBLOCK, path)
+    try:
+        source = open_entry(directory, name, os.O_RDONLY | os.O_NONBLOCK, path)
+    except FileNotFoundError:
+        return None
     with open(source, "rb") as reader:
         check_opened(source, path)
         with contextlib.suppress(FileNotFoundError):
