@@ -210,7 +210,7 @@ def test_a_leak_started_after_the_page_loaded_is_drawn_within_30_s(
                 page.page.click('th[data-sort="growth"] button')
                 page.until("document.querySelector('th[data-sort=growth]').ariaSort === 'descending'")
                 by_growth = visible_rows(page)
-                ours = {leaker.pid, agent.pid, *(filler.pid for filler in fillers)}
+                idle = {filler.pid for filler in fillers}
                 page.shot("table-by-growth", selector="#table-box")
 
                 page.page.fill("#search", marker)
@@ -248,8 +248,10 @@ def test_a_leak_started_after_the_page_loaded_is_drawn_within_30_s(
     assert re.search(r"\d\d:\d\d:\d\d", tooltip), tooltip
     growths = [r["growth"] for r in by_growth if r["growth"] is not None]
     assert growths == sorted(growths, reverse=True)
-    # first among the processes this test runs: the browser rendering the page grows fast too
-    assert [r["pid"] for r in by_growth if r["pid"] in ours][0] == leaker.pid, by_growth[:5]
+    # ahead of every idle process; the browser drawing the page and the agent filling its replay
+    # grow too, by amounts this test does not control
+    ranked = [r["pid"] for r in by_growth if r["pid"] in idle or r["pid"] == leaker.pid]
+    assert ranked[0] == leaker.pid, by_growth[:5]
     assert [r["pid"] for r in found] == [leaker.pid]
     values = [v for v in after_exit["v"] if v is not None]
     assert after_exit["exitedAt"] is not None and 0 not in values
