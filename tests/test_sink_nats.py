@@ -172,6 +172,8 @@ async def test_lost_acks_are_retried_and_the_server_drops_the_duplicates(tmp_pat
             first, batch = make_records(100, maker=maker), make_records(200, maker=maker)
             await built.write(first)
             server.process.send_signal(signal.SIGSTOP)
+            pid = server.process.pid
+            await until(lambda: stopped(pid))  # stopped before the batch goes: none of it acknowledged
             try:
                 with pytest.raises(SinkError, match="200 of 200 records not acknowledged"):
                     await built.write(batch)
@@ -196,6 +198,8 @@ async def test_dedupe_survives_kill_9_and_a_restart_on_the_same_store(tmp_path: 
             first, batch = make_records(50, maker=maker), make_records(150, maker=maker)
             await built.write(first)
             server.process.send_signal(signal.SIGSTOP)
+            pid = server.process.pid
+            await until(lambda: stopped(pid))  # stopped before the batch goes: none of it acknowledged
             try:
                 with pytest.raises(SinkError, match="not acknowledged"):
                     await built.write(batch)
@@ -211,6 +215,12 @@ async def test_dedupe_survives_kill_9_and_a_restart_on_the_same_store(tmp_path: 
             stored = await read_stream([server.url], "RESTART")
     assert built.counters["duplicates"] == 150
     assert [s.record["seq"] for s in stored] == list(range(1, 201))
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (its state in /proc is ``T``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
 
 
 def stored_messages(server: NatsServer) -> int:
