@@ -21,6 +21,7 @@ from memagent.contracts import ProcessInfo, Record
 from memagent.errors import ConfigError
 from memagent.options import Options
 from memagent.plugins.sinks import websocket
+from memagent.plugins.sinks.dashboard_page import dashboard_page
 from memagent.plugins.sinks.websocket import WebSocketSink
 from memagent.records import RecordMaker
 from memagent.testing import make_records, sink_context
@@ -410,7 +411,7 @@ async def test_dashboard_is_one_page_with_a_strict_policy() -> None:
 
 def test_the_feed_path_is_written_into_the_page_as_a_js_string() -> None:
     """A path with quotes or markup cannot end the page's script early."""
-    page, _ = websocket.dashboard_page('/a"b</script>')
+    page, _ = dashboard_page('/a"b</script>')
     assert b'const FEED_PATH = "/a\\"b\\u003c/script>";' in page
 
 

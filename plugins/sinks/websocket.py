@@ -57,13 +57,8 @@ the buffer; records of a previous run after the last one a client saw (that agen
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import re
-from collections import deque
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -76,12 +71,13 @@ from memagent.bounded import BoundedQueue
 from memagent.contracts import Record, SinkContext, declare_counters
 from memagent.errors import ConfigError
 from memagent.options import Options
+from memagent.plugins.sinks.dashboard_page import dashboard_page
 from memagent.plugins.sinks.listener import HEALTH_PATH, Feed, Listener, ListenerOptions, peer, response
+from memagent.plugins.sinks.websocket_client import CLOSE_TIMEOUT, Client, close_or_abort, gap
 from memagent.plugins.sinks.websocket_filters import (
     BadFilter,
     Cursor,
     Projections,
-    Subscription,
     from_message,
     from_query,
     joined,
@@ -89,7 +85,6 @@ from memagent.plugins.sinks.websocket_filters import (
 
 CLOSE_POLICY = 1008  # bad filter or message
 CLOSE_TOO_SLOW = 1013  # "try again later": the client could not keep up
-CLOSE_TIMEOUT = 2.0  # seconds a client closed for being slow gets to answer before it is aborted
 DASHBOARD_PATH = "/dashboard"
 PROCESSES_PATH = "/processes"
 RESERVED_PATHS = (HEALTH_PATH, DASHBOARD_PATH, PROCESSES_PATH)
@@ -97,52 +92,6 @@ MIB = 1024 * 1024
 #: Bytes of start records kept for GET /processes; past it the oldest are forgotten (a process
 #: with a 32 KiB command line each: still 256 of them).
 STARTS_BYTES = 8 * MIB
-
-# -- clients ---------------------------------------------------------------------------------------
-
-def _record_bytes(record: Record) -> int:
-    return len(record.json)
-
-
-class Client:
-    """One connected client: its subscription, its bounded record queue, its control messages
-    (never dropped) and its sender task."""
-
-    def __init__(self, connection: ServerConnection, subscription: Subscription, capacity: int,
-                 capacity_bytes: int) -> None:
-        self.connection = connection
-        self.subscription = subscription
-        self.queue: BoundedQueue[bytes] = BoundedQueue(capacity, capacity_bytes, len)
-        self.control: deque[bytes] = deque()  # run and gap messages; sent before any record
-        self.resume_after: int | None = None  # a since this sink had not reached: checked on the next write
-        self.cursor: bytes | None = None  # the position after the last record queued (cursor=1 clients)
-        self.cursor_sent: bytes | None = None
-        self.filters = 0  # filter messages applied: told in cursor messages once there is one
-        self.ready = asyncio.Event()
-        self.dropped_unreported = 0
-        self.dropped_since_caught_up = 0
-        self.dropped = 0
-        self.sent = 0
-
-    def offer(self, message: bytes) -> None:
-        """Queue a record, dropping the oldest while either bound is exceeded (a record larger
-        than the whole byte bound is dropped itself); every drop is counted the same way."""
-        dropped = self.queue.push(message)
-        if dropped:
-            self.dropped += dropped
-            self.dropped_unreported += dropped
-            self.dropped_since_caught_up += dropped
-        self.ready.set()
-
-    def tell(self, message: bytes) -> None:
-        """Queue a control message: never dropped, sent before the queued records."""
-        self.control.append(message)
-        self.ready.set()
-
-    def take(self, every: bool) -> list[bytes]:
-        """The oldest queued record, or all of them."""
-        return self.queue.take(len(self.queue) if every else 1)
-
 
 class WebSocketSink:
     """Streams records to WebSocket clients. See the module docstring."""
@@ -309,7 +258,7 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
         for index, record in enumerate(batch):
             if record.seq > after:
                 if record.seq > after + 1:
-                    client.tell(_gap(after + 1, record.seq - 1))
+                    client.tell(gap(after + 1, record.seq - 1))
                 client.resume_after = None
                 return batch[index:]
         return ()
@@ -350,7 +299,7 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
         self.context.counters["clients"] = len(self.clients)
         reason = f"too slow: {client.dropped_since_caught_up} records dropped"
         self.context.log.warning("websocket client %s closed: %s", peer(client.connection), reason)
-        task = asyncio.create_task(_close_or_abort(client.connection, CLOSE_TOO_SLOW, reason))
+        task = asyncio.create_task(close_or_abort(client.connection, CLOSE_TOO_SLOW, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -368,7 +317,7 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
         self._replay_to(client, subscription.since)
         self.clients.add(client)
         self.context.counters["clients"] = len(self.clients)
-        sender = asyncio.create_task(self._send_forever(client))
+        sender = asyncio.create_task(client.send_forever(self.batch, self.context.counters))
         try:
             async for message in connection:
                 try:
@@ -414,76 +363,13 @@ path = "/"                  # the feed; GET /healthz, /dashboard and /processes 
             return
         oldest = self.replay[0].seq if self.replay else self.last_seq + 1
         if after + 1 < oldest:
-            client.tell(_gap(after + 1, oldest - 1))
+            client.tell(gap(after + 1, oldest - 1))
         for record in self.replay:
             if record.seq > after and client.subscription.wants(record):
                 client.offer(client.subscription.encode(record))
         if client.subscription.cursor:
             client.cursor = self._cursor()
 
-    async def _send_forever(self, client: Client) -> None:
-        connection = client.connection
-        try:
-            while True:
-                if client.control:
-                    await connection.send(client.control.popleft(), text=True)
-                    continue
-                if client.dropped_unreported:
-                    lag = orjson.dumps({"type": "lag", "dropped": client.dropped_unreported,
-                                        "total_dropped": client.dropped})
-                    client.dropped_unreported = 0
-                    await connection.send(lag, text=True)
-                    continue
-                if not client.queue:
-                    client.dropped_since_caught_up = 0
-                    cursor = client.cursor
-                    if cursor is not None and cursor is not client.cursor_sent:  # caught up: say where, once
-                        client.cursor_sent = cursor
-                        await connection.send(cursor, text=True)
-                        continue
-                    client.ready.clear()
-                    await client.ready.wait()
-                    continue
-                parts = client.take(every=self.batch)
-                await connection.send(joined(parts) if self.batch else parts[0], text=True)
-                client.sent += len(parts)
-                self.context.counters["sent"] += len(parts)
-        except ConnectionClosed:
-            return
 
-
-def _gap(first: int, last: int) -> bytes:
-    return orjson.dumps({"type": "gap", "from": first, "to": last})
-
-
-_INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
-
-
-def dashboard_page(feed_path: str) -> tuple[bytes, str]:
-    """The dashboard as one page (static/dashboard.html with the vendored uPlot script and style
-    inlined, the feed's path filled in) and its Content-Security-Policy: nothing but its own inline
-    script and style (by hash) and connections to its own origin."""
-    static = resources.files("memagent.plugins.sinks").joinpath("static")
-    page = static.joinpath("dashboard.html").read_text("utf-8")
-    uplot = static.joinpath("uPlot.iife.min.js").read_text("utf-8")
-    style = static.joinpath("uPlot.min.css").read_text("utf-8")
-    if "</" in uplot or "</" in style:  # would end the inline element early
-        raise ValueError("the vendored uPlot files cannot be inlined")
-    path = orjson.dumps(feed_path).decode().replace("<", "\\u003c")
-    text = (page.replace("/*__UPLOT_CSS__*/", style).replace("/*__UPLOT_JS__*/", uplot)
-            .replace('"__MEMAGENT_FEED_PATH__"', path)).encode()
-    hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
-    for kind, body in _INLINE.findall(text):
-        hashes[kind].append("'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'")
-    policy = (f"default-src 'none'; script-src {' '.join(hashes[b'script'])}; "
-              f"style-src {' '.join(hashes[b'style'])}; connect-src 'self'; img-src data:; "
-              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return text, policy
-
-
-async def _close_or_abort(connection: ServerConnection, code: int, reason: str) -> None:
-    """Close with ``code``; abort the connection if the client has not answered in time."""
-    try:
-        await asyncio.wait_for(connection.close(code, reason), CLOSE_TIMEOUT)
-    except TimeoutError:
-        connection.transport.abort()
+def _record_bytes(record: Record) -> int:
+    return len(record.json)
