@@ -25,6 +25,11 @@ KIND is one of:
     set difference every ``--rescan`` seconds, one ``stat`` read per new pid. No event loop, no
     sinks, no processors, no checks: what is left of memagent's cost above it is the price of
     its structure, what is below it is Python's.
+``c-floor``
+    python-floor's job in C (``c_floor.c``, compiled with the system's ``cc`` into the
+    ``--out`` file's directory and run in this process's place, so its CPU is measured under
+    the pid started): the price of a compiled agent, to weigh what compiling memagent's hot path
+    would buy. Exits with status 3 and one line when there is no C compiler.
 ``sleep-loop``, ``asyncio-loop``
     A timer on the same wall-clock grid as memagent's ticker (slots at multiples of
     ``--interval``), sleeping with ``time.sleep`` or ``asyncio.sleep``; writes the lateness of
@@ -42,8 +47,10 @@ import asyncio
 import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -211,6 +218,25 @@ class PythonFloor:
         self.out.write(b"\n".join(lines))
 
 
+def exec_c_floor(args: argparse.Namespace) -> int:
+    """Compile c_floor.c next to ``--out`` and run it in this process's place (returns only if
+    there is no compiler or it fails: status 3)."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("c-floor: no C compiler (cc) on this machine: not measured", file=sys.stderr)
+        return 3
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c_floor.c")
+    binary = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out != os.devnull
+                          else os.getcwd(), "c_floor")
+    built = subprocess.run([compiler, "-O2", "-o", binary, source, "-lm"], capture_output=True, text=True,
+                           check=False)
+    if built.returncode != 0:
+        print(f"c-floor: {compiler} failed: {built.stderr.strip()[:300]}", file=sys.stderr)
+        return 3
+    os.execv(binary, [binary, f"{args.interval:g}", f"{args.offset:g}", f"{args.seconds:g}",
+                      f"{args.rescan:g}", args.out])
+
+
 def lateness(interval: float, seconds: float, use_asyncio: bool) -> list[float]:
     """Seconds each wake-up came after its slot on the ``interval`` grid."""
     late: list[float] = []
@@ -237,12 +263,12 @@ def lateness(interval: float, seconds: float, use_asyncio: bool) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["best-case", "process-iter", "pread-floor", "python-floor",
-                                         "sleep-loop", "asyncio-loop"])
+                                         "c-floor", "sleep-loop", "asyncio-loop"])
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between ticks; 0: flat out")
     parser.add_argument("--offset", type=float, default=0.0, help="shift of the tick grid, seconds")
     parser.add_argument("--seconds", type=float, default=3600.0, help="stop after this long")
     parser.add_argument("--rescan", type=float, default=2.0,
-                        help="best-case, python-floor: seconds between rescans")
+                        help="best-case, python-floor, c-floor: seconds between rescans")
     parser.add_argument("--out", default=os.devnull, help="the file records are written to")
     args = parser.parse_args(argv)
     if args.kind in ("sleep-loop", "asyncio-loop"):
@@ -250,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "wb") as out:
             out.write(orjson.dumps({"lateness": late}))
         return 0
+    if args.kind == "c-floor":
+        return exec_c_floor(args)
     stop: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop.append(signum))

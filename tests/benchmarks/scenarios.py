@@ -129,8 +129,8 @@ def at_rest(bench: Bench) -> dict[str, Any]:
     out = bench.workdir / "at-rest.ndjson"
     peers = {kind: bench.peer(kind, "--interval", "1", "--offset", offset, "--rescan", f"{bench.rescan:g}",
                               "--out", str(bench.workdir / f"at-rest-{kind}.ndjson"))
-             for kind, offset in (("best-case", "0.2"), ("process-iter", "0.4"), ("pread-floor", "0.6"),
-                                  ("python-floor", "0.8"))}
+             for kind, offset in (("c-floor", "0.1"), ("best-case", "0.2"), ("process-iter", "0.4"),
+                                  ("pread-floor", "0.6"), ("python-floor", "0.8"))}
     agent = bench.agent("at-rest", f'[agent]\ninterval = "1s"\n\n{ALL_TARGET}\n{file_sink(out)}',
                         cap=plan.at_rest + 120)
     meters = {"memagent": CpuMeter(agent.pid), **{kind: CpuMeter(p.pid) for kind, p in peers.items()}}
@@ -173,12 +173,17 @@ def at_rest(bench: Bench) -> dict[str, Any]:
     processes = process_count()
     bench.children.stop(agent)
     drain()
+    # a peer that ended before the run did (c-floor with no C compiler) measured nothing
+    ended = {kind for kind, child in peers.items() if child.process.poll() is not None}
     for child in peers.values():
         bench.children.stop(child)
 
     window = max(1, int(plan.window))
     cpu: dict[str, Any] = {}
     for name, series in points.items():
+        if name in ended:
+            cpu[name] = {"median_pct": None, "mean_pct": None, "windows_pct": [], "ended_early": True}
+            continue
         windows = [(series[i + window][1] - series[i][1]) / (series[i + window][0] - series[i][0]) * 100
                    for i in range(0, len(series) - window, window)]
         whole = (series[-1][1] - series[0][1]) / (series[-1][0] - series[0][0]) * 100

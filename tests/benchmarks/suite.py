@@ -135,7 +135,8 @@ def figures(raw: dict[str, Any], plan: Plan) -> list[Figure]:
             {"psutil best case": dig(cpu, "best-case", "median_pct"),
              "process_iter script": dig(cpu, "process-iter", "median_pct"),
              "pread floor": dig(cpu, "pread-floor", "median_pct"),
-             "Python floor": dig(cpu, "python-floor", "median_pct")},
+             "Python floor": dig(cpu, "python-floor", "median_pct"),
+             "C floor": dig(cpu, "c-floor", "median_pct")},
             "psutil best case", "≤ 0.5 % and ≥ 4× cheaper than the best case", ours_over=False,
             ratio_at_least=4, value_at_most=0.5),
         # the start record is stamped after the listing that found the process: allow for that listing
