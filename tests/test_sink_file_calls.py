@@ -14,6 +14,8 @@ from memagent.plugins.sinks.file import FileSink
 from memagent.plugins.sinks.file_calls import SLOW_CALL, FileCalls, filesystem_of
 from memagent.testing import RecordingLogger, make_records, sink_context
 
+from attacker import NOBODY, as_nobody
+
 
 def mountinfo_naming(path: Path, device: int, fstype: str) -> Path:
     """A mountinfo file in which ``device`` is a mount of ``fstype`` (other lines around it)."""
@@ -138,4 +140,52 @@ def test_a_directory_others_may_write_is_never_looked_up_on_the_loop(tmp_path: P
     live.write_bytes(b"")
     calls = FileCalls("f", RecordingLogger("f"))
     calls.opened(os.stat(live), str(live), shared=True)
+    assert calls.direct is False
+
+
+def test_a_path_under_a_directory_the_attacker_may_replace_is_never_looked_up_on_the_loop(
+        attacker_dir: Path) -> None:
+    """The log directory is root's, but the attacker (uid 65534, for real) owns the one above it:
+    it can rename the log directory away and plant a link to any slow place in its stead, so the
+    stat by name each batch must not run on the loop. Root's own parent: direct again."""
+    os.chown(attacker_dir, NOBODY, NOBODY)
+    attacker_dir.chmod(0o755)
+    logs = attacker_dir / "logs"
+    logs.mkdir(mode=0o755)
+    live = logs / "live.ndjson"
+    live.write_bytes(b"")
+    calls = FileCalls("f", RecordingLogger("f"))
+    calls.opened(os.stat(live), str(live), shared=False)
+    assert calls.direct is False
+    as_nobody("mv", str(logs), str(attacker_dir / "moved"))  # it really can
+    as_nobody("ln", "-s", "/proc/self/cwd", str(logs))
+    os.unlink(logs)
+    (attacker_dir / "moved").rename(logs)
+    os.chown(attacker_dir, 0, 0)  # the same tree, the parent now root's: nobody else may replace logs
+    calls = FileCalls("f", RecordingLogger("f"))
+    calls.opened(os.stat(live), str(live), shared=False)
+    assert calls.direct is True
+
+
+def test_a_sticky_directory_protects_root_s_entries_but_not_another_user_s(attacker_dir: Path) -> None:
+    """/tmp-like (root's, mode 1777): the attacker cannot rename root's directory in it, so a
+    log directory there is looked up on the loop; inside a directory the attacker owns there,
+    it can, so it is not."""
+    attacker_dir.chmod(0o1777)
+    ours = attacker_dir / "ours"
+    ours.mkdir(mode=0o755)
+    live = ours / "live.ndjson"
+    live.write_bytes(b"")
+    calls = FileCalls("f", RecordingLogger("f"))
+    calls.opened(os.stat(live), str(live))
+    assert calls.direct is True
+    theirs = attacker_dir / "theirs"
+    as_nobody("mkdir", "-m", "0755", str(theirs))
+    inner = theirs / "logs"
+    as_nobody("chmod", "0777", str(theirs))
+    inner.mkdir(mode=0o755)
+    as_nobody("chmod", "0755", str(theirs))
+    (inner / "live.ndjson").write_bytes(b"")
+    calls = FileCalls("f", RecordingLogger("f"))
+    calls.opened(os.stat(inner / "live.ndjson"), str(inner / "live.ndjson"))
     assert calls.direct is False

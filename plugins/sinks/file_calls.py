@@ -8,7 +8,8 @@ makes those calls directly on the event loop when the file is a regular file on 
 :data:`LOCAL_FILESYSTEMS` (from ``/proc/self/mountinfo``, matched by device), or /dev/null.
 
 Guarantees: a network or FUSE filesystem, an unknown one (for the file or any directory on its
-path), a directory others may write, a FIFO, a socket, a terminal or a device other than
+path), a directory others may write, a directory on the path that others may replace (rename
+away, then plant a link to a slow place), a FIFO, a socket, a terminal or a device other than
 /dev/null is always written from a worker thread (it may block for as long as its server or
 reader likes). A direct call that still takes longer than :data:`SLOW_CALL` (a
 disk stalled, writeback throttling) is reported once and sends every later call of that sink to
@@ -25,6 +26,8 @@ import stat
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from memagent.plugins.sinks.file_rotation import shared_directory
 
 #: Filesystems whose writes and stats do not wait for anything but the local kernel and disk.
 LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs",
@@ -65,17 +68,32 @@ def _device_key(device: int) -> str:
     return f"{os.major(device)}:{os.minor(device)}"
 
 
-def _path_devices(path: str) -> set[int]:
+def _path_walk(path: str) -> tuple[set[int], bool]:
     """The devices of ``path``'s directory and of each directory above it (what a ``stat`` of
-    the path walks through). OSError if one cannot be looked at."""
+    the path walks through), and whether someone else may replace one of those directories (by
+    renaming it away and putting a link or a mount of their own in its place). OSError if one
+    cannot be looked at."""
     devices = set()
+    replaceable = False
     directory = os.path.dirname(os.path.abspath(path))
     while True:
         devices.add(os.stat(directory).st_dev)
         parent = os.path.dirname(directory)
         if parent == directory:
-            return devices
+            return devices, replaceable
+        replaceable = replaceable or others_may_replace(os.lstat(directory), os.stat(parent))
         directory = parent
+
+
+def others_may_replace(entry: os.stat_result, parent: os.stat_result) -> bool:
+    """Whether someone other than root and the agent's user may rename or remove ``entry`` from
+    its directory ``parent``: ``parent`` is :func:`shared_directory` and its sticky bit does not
+    protect the entry (set, on a directory of root's or ours, for an entry of root's or ours:
+    /tmp/our-dir is safe, /tmp/their-dir/our-dir is not)."""
+    if not shared_directory(parent):
+        return False
+    ours = (0, os.geteuid())
+    return not (parent.st_mode & stat.S_ISVTX and parent.st_uid in ours and entry.st_uid in ours)
 
 
 class FileCalls:
@@ -92,7 +110,8 @@ class FileCalls:
         """A new file: decide for it. ``opened`` is its fstat; ``path``, when calls will look it
         up by name (the file sink's ``stat``), is checked too: every directory on the way must be
         local as well, and ``shared`` (others may write its directory, so may put a mount of
-        their own at its name) sends them to a worker thread. Blocking (reads mountinfo, stats
+        their own at its name) or a directory above it that others may replace sends them to a
+        worker thread. Blocking (reads mountinfo, stats
         the path's directories): call it from a worker thread."""
         if self._slow or shared:
             self.direct = False
@@ -104,10 +123,14 @@ class FileCalls:
             devices = {opened.st_dev}
             if path is not None:
                 try:
-                    devices |= _path_devices(path)
+                    above, replaceable = _path_walk(path)
                 except OSError:
                     self.direct = False
                     return
+                if replaceable:
+                    self.direct = False
+                    return
+                devices |= above
             kinds = filesystems(self.mountinfo)
             self.direct = all(kinds.get(_device_key(device)) in LOCAL_FILESYSTEMS for device in devices)
 
