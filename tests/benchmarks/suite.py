@@ -1,5 +1,5 @@
 """Issue 8's side-by-side benchmark: memagent next to a psutil script, the ``process_iter``
-script and the pread floor, in one run, on ~1,000 idle processes it spawns itself.
+script and the pread, Python and C floors, in one run, on ~1,000 idle processes it spawns itself.
 
     tox -e bench [-- --quick | --long] [--processes N] [--seconds S] [--json PATH]
     python tests/benchmarks/suite.py ...      (the same, in an environment with memagent + psutil)
