@@ -143,6 +143,17 @@ def test_a_directory_others_may_write_is_never_looked_up_on_the_loop(tmp_path: P
     assert calls.direct is False
 
 
+def direct_for(directory: Path) -> bool:
+    """Whether the calls for a new live file in ``directory`` (made root's, 0755, if missing)
+    run on the loop, as the file sink decides when it opens it."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    live = directory / "live.ndjson"
+    live.write_bytes(b"")
+    calls = FileCalls("f", RecordingLogger("f"))
+    calls.opened(os.stat(live), str(live), shared=False)
+    return calls.direct
+
+
 def test_a_path_under_a_directory_the_attacker_may_replace_is_never_looked_up_on_the_loop(
         attacker_dir: Path) -> None:
     """The log directory is root's, but the attacker (uid 65534, for real) owns the one above it:
@@ -151,41 +162,21 @@ def test_a_path_under_a_directory_the_attacker_may_replace_is_never_looked_up_on
     os.chown(attacker_dir, NOBODY, NOBODY)
     attacker_dir.chmod(0o755)
     logs = attacker_dir / "logs"
-    logs.mkdir(mode=0o755)
-    live = logs / "live.ndjson"
-    live.write_bytes(b"")
-    calls = FileCalls("f", RecordingLogger("f"))
-    calls.opened(os.stat(live), str(live), shared=False)
-    assert calls.direct is False
+    assert direct_for(logs) is False
     as_nobody("mv", str(logs), str(attacker_dir / "moved"))  # it really can
     as_nobody("ln", "-s", "/proc/self/cwd", str(logs))
     os.unlink(logs)
     (attacker_dir / "moved").rename(logs)
     os.chown(attacker_dir, 0, 0)  # the same tree, the parent now root's: nobody else may replace logs
-    calls = FileCalls("f", RecordingLogger("f"))
-    calls.opened(os.stat(live), str(live), shared=False)
-    assert calls.direct is True
+    assert direct_for(logs) is True
 
 
 def test_a_sticky_directory_protects_root_s_entries_but_not_another_user_s(attacker_dir: Path) -> None:
     """/tmp-like (root's, mode 1777): the attacker cannot rename root's directory in it, so a
-    log directory there is looked up on the loop; inside a directory the attacker owns there,
+    log directory there is looked up on the loop; inside a directory the attacker made there,
     it can, so it is not."""
     attacker_dir.chmod(0o1777)
-    ours = attacker_dir / "ours"
-    ours.mkdir(mode=0o755)
-    live = ours / "live.ndjson"
-    live.write_bytes(b"")
-    calls = FileCalls("f", RecordingLogger("f"))
-    calls.opened(os.stat(live), str(live))
-    assert calls.direct is True
+    assert direct_for(attacker_dir / "ours") is True
     theirs = attacker_dir / "theirs"
     as_nobody("mkdir", "-m", "0755", str(theirs))
-    inner = theirs / "logs"
-    as_nobody("chmod", "0777", str(theirs))
-    inner.mkdir(mode=0o755)
-    as_nobody("chmod", "0755", str(theirs))
-    (inner / "live.ndjson").write_bytes(b"")
-    calls = FileCalls("f", RecordingLogger("f"))
-    calls.opened(os.stat(inner / "live.ndjson"), str(inner / "live.ndjson"))
-    assert calls.direct is False
+    assert direct_for(theirs / "logs") is False
