@@ -12,6 +12,7 @@ import pytest
 
 from memagent.plugins.sinks.file import FileSink
 from memagent.plugins.sinks.file_calls import SLOW_CALL, FileCalls, filesystem_of
+from memagent.plugins.sinks.file_rotation import ACL_XATTR, acl_grants_write, shared_directory
 from memagent.testing import RecordingLogger, make_records, sink_context
 
 from attacker import NOBODY, as_nobody
@@ -143,14 +144,14 @@ def test_a_directory_others_may_write_is_never_looked_up_on_the_loop(tmp_path: P
     assert calls.direct is False
 
 
-def direct_for(directory: Path) -> bool:
+def direct_for(directory: Path | str) -> bool:
     """Whether the calls for a new live file in ``directory`` (made root's, 0755, if missing)
     run on the loop, as the file sink decides when it opens it."""
-    directory.mkdir(mode=0o755, exist_ok=True)
-    live = directory / "live.ndjson"
-    live.write_bytes(b"")
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    live = os.path.join(directory, "live.ndjson")
+    Path(live).write_bytes(b"")
     calls = FileCalls("f", RecordingLogger("f"))
-    calls.opened(os.stat(live), str(live), shared=False)
+    calls.opened(os.stat(live), live, shared=False)
     return calls.direct
 
 
@@ -180,3 +181,71 @@ def test_a_sticky_directory_protects_root_s_entries_but_not_another_user_s(attac
     theirs = attacker_dir / "theirs"
     as_nobody("mkdir", "-m", "0755", str(theirs))
     assert direct_for(theirs / "logs") is False
+
+
+def test_a_link_on_the_path_is_followed_to_the_directories_it_leads_through(attacker_dir: Path) -> None:
+    """A root-owned link (``varlog/app -> srv/app/data``, as /var/log/app pointing elsewhere) to
+    root's directory under one the attacker owns (``srv/app``): the stat by name walks through the
+    attacker's directory, which it can empty and refill with a link to a slow place; so does a
+    path that climbs out with ``..``. Neither is looked up on the loop; once ``srv/app`` is
+    root's, both are."""
+    app = attacker_dir / "srv" / "app"
+    (app / "data" / "logs").mkdir(parents=True, mode=0o755)
+    os.chown(app, NOBODY, NOBODY)
+    (attacker_dir / "varlog").mkdir(mode=0o755)
+    (attacker_dir / "varlog" / "app").symlink_to(app / "data")
+    through_link = attacker_dir / "varlog" / "app" / "logs"
+    climbing = f"{app}/data/../../../ours"
+    assert direct_for(through_link) is False
+    assert direct_for(climbing) is False
+    as_nobody("mv", str(app / "data"), str(app / "moved"))  # it really can
+    as_nobody("mv", str(app / "moved"), str(app / "data"))
+    os.chown(app, 0, 0)
+    assert direct_for(through_link) is True
+    assert direct_for(climbing) is True
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A ``system.posix_acl_access`` value: version 2, then (tag, perm, id) entries."""
+    return (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + who.to_bytes(4, "little")
+        for tag, perm, who in entries)
+
+
+UNDEFINED = 0xFFFFFFFF
+#: root's 0775 directory whose ACL also lets uid 65534 write (setfacl -m u:nobody:rwx)
+NOBODY_MAY_WRITE = posix_acl((0x01, 7, UNDEFINED), (0x02, 7, NOBODY), (0x04, 5, UNDEFINED),
+                             (0x10, 7, UNDEFINED), (0x20, 5, UNDEFINED))
+
+
+def test_an_acl_letting_another_user_write_makes_a_directory_shared(attacker_dir: Path) -> None:
+    """Mode bits alone (root's, 0775, group root) say nobody else may write; an ACL entry for
+    uid 65534 says it may, and it really can: shared, so not looked up on the loop."""
+    attacker_dir.chmod(0o755)
+    logs = attacker_dir / "logs"
+    logs.mkdir(mode=0o775)
+    try:
+        os.setxattr(logs, ACL_XATTR, NOBODY_MAY_WRITE)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on this filesystem: {exc}")
+    as_nobody("touch", str(logs / "planted"))  # it really can
+    assert shared_directory(str(logs)) is True
+    assert shared_directory(str(attacker_dir)) is False
+    (logs / "inner").mkdir(mode=0o755)
+    assert direct_for(logs / "inner") is False  # the attacker may replace inner
+
+
+@pytest.mark.parametrize(("acl", "shared"), [
+    (NOBODY_MAY_WRITE, True),
+    (posix_acl((0x01, 7, UNDEFINED), (0x02, 5, NOBODY), (0x04, 5, UNDEFINED), (0x10, 5, UNDEFINED),
+               (0x20, 5, UNDEFINED)), False),  # nobody may read only
+    (posix_acl((0x01, 7, UNDEFINED), (0x02, 7, NOBODY), (0x04, 5, UNDEFINED), (0x10, 5, UNDEFINED),
+               (0x20, 5, UNDEFINED)), False),  # its rwx is cut by the mask
+    (posix_acl((0x01, 7, UNDEFINED), (0x04, 5, UNDEFINED), (0x08, 7, 0), (0x10, 7, UNDEFINED),
+               (0x20, 5, UNDEFINED)), False),  # group root may write
+    (posix_acl((0x01, 7, UNDEFINED), (0x04, 5, UNDEFINED), (0x08, 7, 100), (0x10, 7, UNDEFINED),
+               (0x20, 5, UNDEFINED)), True),  # group 100 may write
+    (b"\x02\x00\x00\x00\x01", True),  # malformed: the safe answer
+], ids=["user-write", "user-read", "masked", "group-root", "group-other", "malformed"])
+def test_acl_entries_that_grant_write(acl: bytes, shared: bool) -> None:
+    assert acl_grants_write(acl) is shared

@@ -170,7 +170,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         self._forget_directory()
         self._directory = fd
         where = os.fstat(fd)
-        shared = shared_directory(where)
+        shared = await asyncio.to_thread(shared_directory, fd)
         if shared and directory not in self._warned:
             self._warned.add(directory)
             self.context.log.warning(

@@ -20,10 +20,12 @@ call is not slower than that.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -68,32 +70,56 @@ def _device_key(device: int) -> str:
     return f"{os.major(device)}:{os.minor(device)}"
 
 
+#: Links followed while walking a path before giving up, as the kernel does (ELOOP).
+MAX_LINKS = 40
+
+
 def _path_walk(path: str) -> tuple[set[int], bool]:
-    """The devices of ``path``'s directory and of each directory above it (what a ``stat`` of
-    the path walks through), and whether someone else may replace one of those directories (by
-    renaming it away and putting a link or a mount of their own in its place). OSError if one
-    cannot be looked at."""
-    devices = set()
+    """Walk the directories of ``path`` as the kernel does when it looks the path up (each link
+    followed where it stands, ``..`` taken after the links before it): the devices of every
+    directory a name is looked up in, and whether someone else may replace one of the entries
+    looked up (rename it away and put a link or a mount of their own in its place). OSError if
+    one cannot be looked at, or after :data:`MAX_LINKS` links."""
+    directory = os.path.dirname(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+    parts = deque(name for name in directory.split("/") if name)
+    current = "/"
+    devices = {os.stat(current).st_dev}
     replaceable = False
-    directory = os.path.dirname(os.path.abspath(path))
-    while True:
-        devices.add(os.stat(directory).st_dev)
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return devices, replaceable
-        replaceable = replaceable or others_may_replace(os.lstat(directory), os.stat(parent))
-        directory = parent
+    links = 0
+    while parts:
+        name = parts.popleft()
+        if name == ".":
+            continue
+        if name == "..":  # current holds no link: its parent by name is its real parent
+            current = os.path.dirname(current)
+            continue
+        entry_path = os.path.join(current, name)
+        entry = os.lstat(entry_path)
+        replaceable = replaceable or others_may_replace(entry, current)
+        if stat.S_ISLNK(entry.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise OSError(errno.ELOOP, "too many links", path)
+            target = os.readlink(entry_path)
+            if target.startswith("/"):
+                current = "/"
+            parts.extendleft(reversed([step for step in target.split("/") if step]))
+            continue
+        current = entry_path
+        devices.add(entry.st_dev)
+    return devices, replaceable
 
 
-def others_may_replace(entry: os.stat_result, parent: os.stat_result) -> bool:
-    """Whether someone other than root and the agent's user may rename or remove ``entry`` from
-    its directory ``parent``: ``parent`` is :func:`shared_directory` and its sticky bit does not
-    protect the entry (set, on a directory of root's or ours, for an entry of root's or ours:
-    /tmp/our-dir is safe, /tmp/their-dir/our-dir is not)."""
+def others_may_replace(entry: os.stat_result, parent: str) -> bool:
+    """Whether someone other than root and the agent's user may rename or remove ``entry`` (its
+    ``lstat``) from the directory ``parent``: ``parent`` is :func:`shared_directory` and its
+    sticky bit does not protect the entry (set, on a directory of root's or ours, for an entry of
+    root's or ours: /tmp/our-dir is safe, /tmp/their-dir/our-dir is not)."""
     if not shared_directory(parent):
         return False
+    where = os.stat(parent)
     ours = (0, os.geteuid())
-    return not (parent.st_mode & stat.S_ISVTX and parent.st_uid in ours and entry.st_uid in ours)
+    return not (where.st_mode & stat.S_ISVTX and where.st_uid in ours and entry.st_uid in ours)
 
 
 class FileCalls:

@@ -78,7 +78,7 @@ def open_directory(path: str, mode: int) -> int:
     try:
         for depth, name in enumerate(names, 1):
             where = os.path.join(top, *names[:depth])
-            follow = depth < len(names) and not shared_directory(os.fstat(fd))
+            follow = depth < len(names) and not shared_directory(fd)
             try:
                 level = open_entry(fd, name, os.O_RDONLY | os.O_DIRECTORY, where, follow=follow)
             except FileNotFoundError:
@@ -93,12 +93,44 @@ def open_directory(path: str, mode: int) -> int:
     return fd
 
 
-def shared_directory(where: os.stat_result) -> bool:
-    """Whether someone other than root and the agent's user may add entries to a directory:
-    owned by another user, world-writable (sticky or not), or group-writable by a group other
-    than root's (logrotate's test, plus the owner)."""
-    return (where.st_uid not in (0, os.geteuid()) or bool(where.st_mode & stat.S_IWOTH)
-            or bool(where.st_mode & stat.S_IWGRP and where.st_gid != 0))
+#: The extended attribute holding a file's POSIX access ACL, and its entries' tags (acl_ea.h).
+ACL_XATTR = "system.posix_acl_access"
+_ACL_USER, _ACL_GROUP, _ACL_MASK = 0x02, 0x08, 0x10
+_ACL_WRITE = 0x02
+
+
+def shared_directory(directory: int | str) -> bool:
+    """Whether someone other than root and the agent's user may add entries to a directory (an
+    open descriptor, or a path whose links are followed): owned by another user, world-writable
+    (sticky or not), group-writable by a group other than root's (logrotate's test, plus the
+    owner), or given write by a POSIX ACL entry naming another user or a group other than
+    root's (an ACL that cannot be read counts as one that does). Blocks on the filesystem
+    (the ACL is an extended attribute): not on the event loop. OSError if it cannot be stat'd."""
+    where = os.stat(directory)
+    if (where.st_uid not in (0, os.geteuid()) or where.st_mode & stat.S_IWOTH
+            or where.st_mode & stat.S_IWGRP and where.st_gid != 0):
+        return True
+    try:
+        acl = os.getxattr(directory, ACL_XATTR)
+    except OSError as exc:
+        # no ACL (or none possible here): the mode bits say it all
+        return exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+    return acl_grants_write(acl)
+
+
+def acl_grants_write(acl: bytes) -> bool:
+    """Whether a ``system.posix_acl_access`` value lets another user, or a group other than
+    root's, write (its named entries, within the mask). Malformed: True (the safe answer)."""
+    if len(acl) < 4 or (len(acl) - 4) % 8 or int.from_bytes(acl[:4], "little") != 2:
+        return True
+    entries = [(int.from_bytes(acl[i:i + 2], "little"), int.from_bytes(acl[i + 2:i + 4], "little"),
+                int.from_bytes(acl[i + 4:i + 8], "little")) for i in range(4, len(acl), 8)]
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), _ACL_WRITE)
+    if not mask & _ACL_WRITE:
+        return False  # named entries are limited to the mask
+    ours = (0, os.geteuid())
+    return any(perm & _ACL_WRITE and (tag == _ACL_USER and who not in ours or tag == _ACL_GROUP and who != 0)
+               for tag, perm, who in entries)
 
 
 def check_opened(fd: int, path: str, special_ok: bool = False) -> os.stat_result:
