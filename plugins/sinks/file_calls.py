@@ -14,7 +14,9 @@ away, then plant a link to a slow place), a FIFO, a socket, a terminal or a devi
 reader likes). A direct call that still takes longer than :data:`SLOW_CALL` (a
 disk stalled, writeback throttling) is reported once and sends every later call of that sink to
 a worker thread: the loop is held that long at most once. Not guaranteed: that the first slow
-call is not slower than that.
+call is not slower than that; that a change of ownership or mode on the path made after the file
+was opened (by root: nobody else can) is noticed before the sink next opens a file (a rotation,
+a reopen, a new path).
 """
 
 from __future__ import annotations
