@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -249,3 +250,22 @@ def test_an_acl_letting_another_user_write_makes_a_directory_shared(attacker_dir
 ], ids=["user-write", "user-read", "masked", "group-root", "group-other", "malformed"])
 def test_acl_entries_that_grant_write(acl: bytes, shared: bool) -> None:
     assert acl_grants_write(acl) is shared
+
+
+def test_a_mount_over_another_user_s_directory_in_a_sticky_directory_is_not_trusted(
+        attacker_dir: Path) -> None:
+    """uid 65534 makes ``ours`` in a /tmp-like directory; root mounts a tmpfs over it. ``lstat``
+    then shows the tmpfs root (root's), but the kernel lets the directory's maker rename it (from
+    a mount namespace of its own, where the mount is not there): not looked up on the loop."""
+    attacker_dir.chmod(0o1777)
+    covered = attacker_dir / "ours"
+    as_nobody("mkdir", "-m", "0755", str(covered))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "none", str(covered)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        assert os.lstat(covered).st_uid == 0  # what a stat shows: the mounted root's owner
+        assert direct_for(covered / "logs") is False
+    finally:
+        subprocess.run(["umount", str(covered)], check=True)

@@ -169,8 +169,7 @@ path = "/var/log/memagent/memory.ndjson"   # strftime fields and {host} allowed
         fd = await asyncio.to_thread(open_directory, directory, self.dir_mode)
         self._forget_directory()
         self._directory = fd
-        where = os.fstat(fd)
-        shared = await asyncio.to_thread(shared_directory, fd)
+        where, shared = await asyncio.to_thread(lambda: (os.fstat(fd), shared_directory(fd)))
         if shared and directory not in self._warned:
             self._warned.add(directory)
             self.context.log.warning(

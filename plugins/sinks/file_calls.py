@@ -116,12 +116,16 @@ def others_may_replace(entry: os.stat_result, parent: str) -> bool:
     """Whether someone other than root and the agent's user may rename or remove ``entry`` (its
     ``lstat``) from the directory ``parent``: ``parent`` is :func:`shared_directory` and its
     sticky bit does not protect the entry (set, on a directory of root's or ours, for an entry of
-    root's or ours: /tmp/our-dir is safe, /tmp/their-dir/our-dir is not)."""
+    root's or ours: /tmp/our-dir is safe, /tmp/their-dir/our-dir is not). A mount point's owner
+    is not known (``lstat`` shows the mounted root's; the kernel asks the covered directory's,
+    and another user may have made that one), so the sticky bit is not counted on for it."""
     if not shared_directory(parent):
         return False
     where = os.stat(parent)
     ours = (0, os.geteuid())
-    return not (where.st_mode & stat.S_ISVTX and where.st_uid in ours and entry.st_uid in ours)
+    mount_point = entry.st_dev != where.st_dev
+    return not (where.st_mode & stat.S_ISVTX and where.st_uid in ours and entry.st_uid in ours
+                and not mount_point)
 
 
 class FileCalls:
