@@ -44,14 +44,17 @@ sync_api = pytest.importorskip("playwright.sync_api")
 TOKEN = "dash-token-81c2"  # noqa: S105 - a test token
 
 #: A child that leaks about 6 MiB/s (touching every page) until its stdin closes, up to 600 MiB.
+#: Leaks ~6 MiB/s; on EOF it ends at once holding all it leaked (``os._exit``: no interpreter
+#: teardown freeing the chunks first, which a sample under load can catch), so its last reading
+#: is its peak and what the page must not draw is the drop to 0 of a process exiting.
 LEAKER = textwrap.dedent("""
-    import select, sys
+    import os, select, sys
     chunks = []
     print("ready", flush=True)
     while True:
         readable, _, _ = select.select([sys.stdin], [], [], 0.1)  # the pace, and EOF = stop
         if readable and not sys.stdin.read(1):
-            break
+            os._exit(0)
         if len(chunks) < 1000:
             chunk = bytearray(600 * 1024)
             for i in range(0, len(chunk), 4096):
