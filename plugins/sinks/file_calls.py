@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
-from memagent.plugins.sinks.file_rotation import shared_directory
+from memagent.plugins.sinks.file_rotation import shared_by_stat
 
 #: Filesystems whose writes and stats do not wait for anything but the local kernel and disk.
 LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs",
@@ -114,14 +114,14 @@ def _path_walk(path: str) -> tuple[set[int], bool]:
 
 def others_may_replace(entry: os.stat_result, parent: str) -> bool:
     """Whether someone other than root and the agent's user may rename or remove ``entry`` (its
-    ``lstat``) from the directory ``parent``: ``parent`` is :func:`shared_directory` and its
+    ``lstat``) from the directory ``parent``: ``parent`` is shared (``shared_by_stat``) and its
     sticky bit does not protect the entry (set, on a directory of root's or ours, for an entry of
     root's or ours: /tmp/our-dir is safe, /tmp/their-dir/our-dir is not). A mount point's owner
     is not known (``lstat`` shows the mounted root's; the kernel asks the covered directory's,
     and another user may have made that one), so the sticky bit is not counted on for it."""
-    if not shared_directory(parent):
-        return False
     where = os.stat(parent)
+    if not shared_by_stat(where, parent):
+        return False
     ours = (0, os.geteuid())
     mount_point = entry.st_dev != where.st_dev
     return not (where.st_mode & stat.S_ISVTX and where.st_uid in ours and entry.st_uid in ours
@@ -143,8 +143,8 @@ class FileCalls:
         up by name (the file sink's ``stat``), is checked too: every directory on the way must be
         local as well, and ``shared`` (others may write its directory, so may put a mount of
         their own at its name) or a directory above it that others may replace sends them to a
-        worker thread. Blocking (reads mountinfo, stats
-        the path's directories): call it from a worker thread."""
+        worker thread. Blocking (reads mountinfo, stats the path's directories): call it from a
+        worker thread."""
         if self._slow or shared:
             self.direct = False
         elif stat.S_ISCHR(opened.st_mode):
@@ -152,19 +152,16 @@ class FileCalls:
         elif not stat.S_ISREG(opened.st_mode):
             self.direct = False
         else:
-            devices = {opened.st_dev}
+            devices, replaceable = {opened.st_dev}, False
             if path is not None:
                 try:
                     above, replaceable = _path_walk(path)
                 except OSError:
-                    self.direct = False
-                    return
-                if replaceable:
-                    self.direct = False
-                    return
+                    above, replaceable = set(), True  # not looked at: not trusted
                 devices |= above
             kinds = filesystems(self.mountinfo)
-            self.direct = all(kinds.get(_device_key(device)) in LOCAL_FILESYSTEMS for device in devices)
+            self.direct = not replaceable and all(kinds.get(_device_key(device)) in LOCAL_FILESYSTEMS
+                                                  for device in devices)
 
     async def run(self, call: Callable[[], T]) -> T:
         """``call()`` directly when direct, else in a worker thread."""

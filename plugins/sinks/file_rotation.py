@@ -106,7 +106,11 @@ def shared_directory(directory: int | str) -> bool:
     owner), or given write by a POSIX ACL entry naming another user or a group other than
     root's (an ACL that cannot be read counts as one that does). Blocks on the filesystem
     (the ACL is an extended attribute): not on the event loop. OSError if it cannot be stat'd."""
-    where = os.stat(directory)
+    return shared_by_stat(os.stat(directory), directory)
+
+
+def shared_by_stat(where: os.stat_result, directory: int | str) -> bool:
+    """:func:`shared_directory` for a directory already stat'd (``where``)."""
     if (where.st_uid not in (0, os.geteuid()) or where.st_mode & stat.S_IWOTH
             or where.st_mode & stat.S_IWGRP and where.st_gid != 0):
         return True
